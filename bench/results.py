@@ -1,0 +1,35 @@
+"""Record benchmark results: one JSON file per kind, machine and day under bench/results/, appended to."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+from fastcd.utils.atomic import atomic_write_json
+from fastcd.utils.machine import machine_info, machine_name
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak host RSS of this process and its reaped children, and peak GPU memory, in MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out = {"host_peak_mib": round(own, 1), "children_host_peak_mib": round(children, 1)}
+    if torch.cuda.is_available():
+        out["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def record(kind: str, result: dict, results_dir: Path | None = None) -> Path:
+    """Append `result` (with machine, date and commit) to `<date>-<machine>-<kind>.json`; return its path."""
+    results_dir = results_dir or RESULTS_DIR
+    day = _dt.date.today().isoformat()
+    path = results_dir / f"{day}-{machine_name()}-{kind}.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    runs.append({**machine_info(), **result})
+    atomic_write_json(path, runs)
+    return path

@@ -1,0 +1,68 @@
+"""The `fastcd` command. Each subcommand lives in its own module, imported only when used,
+so a library that fails to import (say DALI) breaks only the commands that need it.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastcd.errors import FastcdError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("fastcd.commands.train", "train a student (optionally distilled) from a YAML config"),
+    "eval": ("fastcd.commands.evaluate", "top-1/top-5 error of a checkpoint on the validation split"),
+    "prepare": ("fastcd.data_prep.cli", "convert a dataset into FFCV and DALI formats (offline, once)"),
+    "demo": ("fastcd.commands.demo", "the main job: teacher, student alone and CD+GKD+EDT on Fashion-MNIST"),
+    "repro": ("fastcd.commands.repro", "accuracy reproduction of the seed's table on real data"),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "prepare": ("fastcd.bench.prepare", "dataset conversion: FFCV writer vs shard writer vs both"),
+    "loader": ("fastcd.bench.loader", "images/s of each loader backend vs the raw libraries"),
+    "kernels": ("fastcd.bench.kernels", "fused distillation-loss kernels vs eager and torch.compile"),
+    "train": ("fastcd.bench.train", "images/s of the full distillation step, with an ablation of knobs"),
+}
+
+
+def _usage(table: dict[str, tuple[str, str]], prog: str) -> str:
+    width = max(len(k) for k in table)
+    lines = [f"usage: {prog} COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in table.items()]
+    return "\n".join(lines)
+
+
+def _run_module(module_name: str, prog: str, argv: list[str]) -> int:
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(argv)) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fastcd` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    table, prog = COMMANDS, "fastcd"
+    if argv and argv[0] == "bench":
+        table, prog, argv = BENCHES, "fastcd bench", argv[1:]
+    if not argv or argv[0] in ("-h", "--help"):
+        extra = "" if table is BENCHES else "\n  bench    benchmarks (fastcd bench --help)"
+        print(_usage(table, prog) + extra)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in table:
+        print(f"{prog}: error: unknown command {name!r}; choose from {', '.join(table)}", file=sys.stderr)
+        return 2
+    try:
+        return _run_module(table[name][0], f"{prog} {name}", rest)
+    except FastcdError as e:
+        print(f"{prog} {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog} {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Top-1/top-5 error (1 crop) of a checkpoint's student on the validation split of a config's data."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fastcd.config import load_config
+from fastcd.data import LoaderContext, build_loader
+from fastcd.engine.checkpoint import load_checkpoint
+from fastcd.engine.evaluate import evaluate
+from fastcd.engine.runtime import setup_runtime
+from fastcd.errors import FastcdError
+from fastcd.models import build_resnet
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (its data section says what to evaluate on)")
+    parser.add_argument("--checkpoint", required=True, help="a fastcd checkpoint (latest.pt or best.pt)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    ckpt = load_checkpoint(args.checkpoint)
+    s = ckpt["config"]["student"]
+    if s["num_classes"] != cfg.student.num_classes:
+        raise FastcdError(f"checkpoint has {s['num_classes']} classes, the config's data {cfg.student.num_classes}")
+    rt = setup_runtime(cfg.train)
+    model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])
+    model.load_state_dict(ckpt["model"])
+    model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
+                        rt.rank, rt.world_size, cfg.train.seed)
+    result = evaluate(model, build_loader(cfg.data, "val", ctx), rt, cfg.data.flip_tta)
+    print(f"{args.checkpoint}: top-1 error {result['top1_err']:.2f}  top-5 error {result['top5_err']:.2f}  "
+          f"({result['samples']} images, {s['arch']})")
+    return 0

@@ -1,0 +1,26 @@
+"""Train a student from a YAML config (under torchrun for several GPUs or nodes)."""
+from __future__ import annotations
+
+import argparse
+
+from fastcd.config import load_config
+from fastcd.engine.trainer import train
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML, e.g. configs/fashion-mnist/cd_gkd_edt.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=16 --set loss_list.1.T=4")
+    parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                        help="stop after this epoch (the schedules still span train.epochs); resume later")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after)
+    if history:
+        best = min(history, key=lambda r: r["val_top1_err"])
+        print(f"{cfg.name}: best val top-1/top-5 error {best['val_top1_err']:.2f}/{best['val_top5_err']:.2f} "
+              f"(epoch {best['epoch']}); checkpoints in {cfg.out_path}")
+    return 0

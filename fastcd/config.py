@@ -1,0 +1,332 @@
+"""Typed experiment configuration: dataclasses loaded from one YAML file per experiment.
+
+Validated on load (unknown keys name the nearest valid one; choices are checked), overridable with
+`--set key=value` (dotted paths, list indices: `loss_list.1.loss_rate=3`), and stored inside every
+checkpoint as plain values (`to_dict`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fastcd.errors import FastcdError
+from fastcd.losses.registry import loss_params, nearest
+
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet152"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """A ResNet: architecture, stem (`cifar` = 3x3 conv, no max-pool), width multiplier, classes."""
+
+    arch: Arch = "resnet18"
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    width: float = 1.0
+    num_classes: int = 1000
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The frozen teacher: weights `torchvision:<WEIGHTS>`, a fastcd checkpoint path, or `none` (random)."""
+
+    arch: Arch = "resnet34"
+    weights: str = "torchvision:IMAGENET1K_V1"
+    bn_mode: Literal["eval", "train"] = "eval"
+
+
+LossType = Literal["ce_family", "kd_family", "kdv2_family", "fd_family"]
+
+
+@dataclass
+class LossSpec:
+    """One entry of `loss_list`, as in the seed; extra keys (`T`, ...) are the loss's parameters."""
+
+    loss_name: str
+    loss_rate: float = 1.0
+    factor: float = 1.0
+    loss_type: LossType = "ce_family"
+    loss_rate_decay: Literal["lrdv1", "lrdv2"] = "lrdv1"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Which loader backend reads which data, at which resolution, with which batch size."""
+
+    backend: Literal["imagefolder", "fashion-mnist", "synthetic", "torch", "ffcv", "dali"] = "imagefolder"
+    path: str = ""
+    batch_size: int = 256
+    val_batch_size: int = 0
+    workers: int = 8
+    res: int = 224
+    val_res: int = 224
+    val_resize_ratio: float = 0.875
+    scale_min: float = 0.08
+    min_res: int = 0
+    max_res: int = 0
+    start_ramp: int = 0
+    end_ramp: int = 0
+    flip_tta: bool = False
+    train_subset: int = 0
+    val_subset: int = 0
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100)
+    dali_prefetch: int = 2  # batches DALI prepares ahead
+    dali_preallocate: int = 0  # expected max image side, to preallocate the mixed decoder (0 = off)
+    ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: with ffcv_os_cache false
+    ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (shared by processes)
+
+
+@dataclass
+class OptimConfig:
+    """SGD and its per-iteration learning-rate schedule (lr for the given batch size)."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    fused: bool | None = None  # null: the fused kernel on GPU, foreach elsewhere
+    schedule: Literal["multistep", "step", "cosine", "linear"] = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
+    gamma: float = 0.1
+    step_size: int = 30
+    warmup_epochs: float = 0.0
+    peak_epoch: float = 2.0
+    end_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The run: epochs, the loss-decay preset (`dataset_type`), precision, layout, seed, outputs."""
+
+    epochs: int = 100
+    dataset_type: Literal["imagenet", "cifar"] = "imagenet"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = ""
+    log_every: int = 50
+    max_steps_per_epoch: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """One experiment. `teacher: null` trains the student alone."""
+
+    name: str = "experiment"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig | None = field(default_factory=TeacherConfig)
+    loss_list: list[LossSpec] = field(default_factory=lambda: [LossSpec("CELoss")])
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (the YAML form), as stored in checkpoints."""
+        out = dataclasses.asdict(self)
+        out["loss_list"] = [_spec_to_dict(s) for s in self.loss_list]
+        return out
+
+    @property
+    def out_path(self) -> Path:
+        """The run's output folder (`train.out_dir`, default `runs/<name>`)."""
+        return Path(self.train.out_dir or f"runs/{self.name}")
+
+
+def _spec_to_dict(spec: LossSpec) -> dict[str, Any]:
+    d = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "params"}
+    return {**d, **spec.params}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to type `tp`, or raise FastcdError naming `where`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in typing.get_args(tp):
+                return None
+            raise FastcdError(f"{where}: may not be null")
+        (arg,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, arg, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise FastcdError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}"
+                              f"{nearest(str(value), [str(c) for c in choices])}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise FastcdError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FastcdError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise FastcdError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise FastcdError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise FastcdError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise FastcdError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _from_dict(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise FastcdError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    if cls is LossSpec:
+        return _loss_spec(raw, where)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise FastcdError(f"unknown config key {path!r}{nearest(str(key), names)}; "
+                              f"valid keys{' of ' + where if where else ''}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _loss_spec(raw: dict[str, Any], where: str) -> LossSpec:
+    if "loss_name" not in raw:
+        raise FastcdError(f"{where}: a loss_list entry needs a loss_name")
+    hints = typing.get_type_hints(LossSpec)
+    core = {f.name for f in dataclasses.fields(LossSpec)} - {"params"}
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items() if k in core}
+    params = {k: v for k, v in raw.items() if k not in core}
+    allowed = loss_params(kwargs["loss_name"])
+    for key in params:
+        if key not in allowed:
+            raise FastcdError(f"unknown key {where}.{key} for loss {kwargs['loss_name']!r}"
+                              f"{nearest(key, sorted(core) + allowed)}; "
+                              f"valid: {', '.join(sorted(core) + allowed)}")
+    return LossSpec(**kwargs, params=params)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists, creating missing (or null) mappings on the way."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            idx = _index(key, node, keys[: i + 1])
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif last:
+            node[key] = value
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def _index(key: str, node: list, keys: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise FastcdError(f"--set {'.'.join(keys)}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (dotted key, YAML-parsed value)."""
+    out = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise FastcdError(f"--set {pair!r}: expected key=value, e.g. train.epochs=16")
+        key, text = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from plain values plus `key=value` overrides."""
+    raw = _deep_merge(Config().to_dict(), yaml.safe_load(yaml.safe_dump(raw)))  # defaults, then the file
+    for key, value in parse_overrides(overrides or []):
+        _set_path(raw, key, value)
+    cfg = _from_dict(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file's mapping, merged over the file its `base:` key names (relative to it)."""
+    if not path.is_file():
+        raise FastcdError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in seen:
+        raise FastcdError(f"config file {str(path)!r} includes itself through 'base'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FastcdError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise FastcdError(f"config file {str(path)!r} must hold a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path.resolve())), raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML experiment file (with its `base:` chain); errors are one line naming the file."""
+    return config_from_dict(_read_yaml(Path(path)), overrides)
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields that the types alone cannot express."""
+    if not cfg.loss_list:
+        raise FastcdError("loss_list is empty: give at least one loss, e.g. {loss_name: CELoss}")
+    if cfg.teacher is not None and cfg.teacher.num_classes != cfg.student.num_classes:
+        raise FastcdError(f"teacher.num_classes={cfg.teacher.num_classes} differs from "
+                          f"student.num_classes={cfg.student.num_classes}")
+    for name in ("width",):
+        if getattr(cfg.student, name) <= 0 or (cfg.teacher and getattr(cfg.teacher, name) <= 0):
+            raise FastcdError(f"{name} must be positive")
+    if cfg.train.epochs < 1:
+        raise FastcdError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
+    if cfg.data.batch_size < 1:
+        raise FastcdError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
+    from fastcd.losses.registry import loss_class
+
+    for i, spec in enumerate(cfg.loss_list):
+        needs = set(loss_class(spec.loss_name).inputs)
+        if cfg.teacher is None and needs & {"tea_logits", "tea_feats", "conn_feats", "tea_embed"}:
+            raise FastcdError(f"loss_list[{i}] {spec.loss_name} needs a teacher but teacher is null")

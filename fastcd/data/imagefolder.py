@@ -1,0 +1,102 @@
+"""The original data path: torchvision ImageFolder + PIL transforms in DataLoader workers.
+
+The baseline every loader benchmark compares against. Pixels leave the workers as uint8 and are
+normalised on the training device.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import v2
+
+from fastcd.config import DataConfig
+from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.resolution import train_res
+from fastcd.data.sharding import epoch_indices
+from fastcd.data.transforms import normalize
+from fastcd.errors import FastcdError
+
+
+class _EpochSampler(Sampler[int]):
+    def __init__(self, indices: Tensor) -> None:
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def open_image_folder(root: Path) -> torchvision.datasets.ImageFolder:
+    """An ImageFolder over `root`, with missing or empty folders reported as one-line errors."""
+    if not root.is_dir():
+        raise FastcdError(f"dataset folder {str(root)!r} does not exist")
+    empty = sorted(p.name for p in root.iterdir() if p.is_dir() and not any(p.iterdir()))
+    if empty:
+        raise FastcdError(f"class folder {str(root / empty[0])!r} is empty ({len(empty)} empty class folders)")
+    try:
+        return torchvision.datasets.ImageFolder(str(root))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FastcdError(f"{str(root)!r} is not an ImageFolder tree (<class>/<image>): {e}") from None
+
+
+class ImageFolderLoader(BatchLoader):
+    """ImageFolder + PIL RandomResizedCrop/flip (train) or Resize/CenterCrop (val) in workers."""
+
+    def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
+        self.cfg, self.split, self.ctx = cfg, split, ctx
+        self.dataset = open_image_folder(Path(cfg.path) / split)
+        self.num_classes = len(self.dataset.classes)
+        if self.num_classes != ctx.num_classes:
+            raise FastcdError(f"{cfg.path}/{split} has {self.num_classes} classes but the model has "
+                              f"num_classes={ctx.num_classes}")
+        limit = cfg.train_subset if split == "train" else cfg.val_subset
+        self.size = min(limit, len(self.dataset)) if limit else len(self.dataset)
+        self.train = split == "train"
+        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
+        self.set_epoch(0)
+
+    def _transform(self, res: int) -> v2.Compose:
+        if self.train:
+            ops = [v2.RandomResizedCrop(res, scale=(self.cfg.scale_min, 1.0), antialias=True),
+                   v2.RandomHorizontalFlip()]
+        else:
+            ops = [v2.Resize(round(res / self.cfg.val_resize_ratio), antialias=True), v2.CenterCrop(res)]
+        return v2.Compose([v2.PILToTensor(), *ops])
+
+    def set_epoch(self, epoch: int) -> None:
+        c = self.ctx
+        self.indices = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank,
+                                     world_size=c.world_size, train=self.train)
+        self.num_samples = len(self.indices)
+        self.dataset.transform = self._transform(train_res(self.cfg, epoch) if self.train else self.cfg.val_res)
+        self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_EpochSampler(self.indices),
+                                 num_workers=self.cfg.workers, pin_memory=self.ctx.device.type == "cuda",
+                                 drop_last=self.train, persistent_workers=False,
+                                 worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(
+                                     self.ctx.seed * 1_000_003 + epoch))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.ctx.device, non_blocking=True)
+            yield (normalize(images, self.cfg.mean, self.cfg.std, self.ctx.dtype, self.ctx.channels_last),
+                   labels.to(self.ctx.device, non_blocking=True))
+
+
+def _seed_worker(worker_id: int) -> None:
+    torch.manual_seed(torch.initial_seed() % 2**32 + worker_id)
+
+
+@register_loader("imagefolder")
+def imagefolder_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
+    """The original ImageFolder pipeline over `cfg.path/<split>`."""
+    return ImageFolderLoader(cfg, split, ctx)

@@ -1,0 +1,85 @@
+"""Batched augmentation and normalisation on the training device.
+
+`random_resized_crop` draws torchvision's RandomResizedCrop boxes (scale, log-uniform ratio, 10 tries,
+then a centre crop) for a whole batch and applies crop + resize + horizontal flip in one
+`grid_sample`; `center_crop` resizes the short side to res/ratio and crops the centre; `normalize`
+turns uint8 or float pixels (0-255) into the model's input.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               generator: torch.Generator, tries: int = 10) -> Tensor:
+    """(n, 4) boxes (x0, y0, w, h) in pixels, drawn as torchvision's RandomResizedCrop draws them."""
+    area = height * width
+    s = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator) * area
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    w = (s * r).sqrt().round()
+    h = (s / r).sqrt().round()
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    w_sel, h_sel = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
+    # Fallback: the whole image clamped to the ratio range, centred.
+    in_ratio = width / height
+    fb_w = float(width) if ratio[0] <= in_ratio <= ratio[1] else (
+        round(height * ratio[0]) if in_ratio < ratio[0] else round(height * ratio[1]))
+    fb_w = min(fb_w, width)
+    fb_h = float(height) if ratio[0] <= in_ratio <= ratio[1] else (
+        round(fb_w / ratio[0]) if in_ratio < ratio[0] else float(height))
+    fb_h = min(fb_h, height)
+    bad = first < 0
+    w_sel = torch.where(bad, torch.full_like(w_sel, fb_w), w_sel)
+    h_sel = torch.where(bad, torch.full_like(h_sel, fb_h), h_sel)
+    x0 = (torch.rand(n, generator=generator) * (width - w_sel + 1)).floor()
+    y0 = (torch.rand(n, generator=generator) * (height - h_sel + 1)).floor()
+    x0 = torch.where(bad, (width - w_sel) // 2, x0)
+    y0 = torch.where(bad, (height - h_sel) // 2, y0)
+    return torch.stack([x0, y0, w_sel, h_sel], dim=1)
+
+
+def random_resized_crop(images: Tensor, res: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> Tensor:
+    """Crop, resize to res x res and flip (p=0.5) each image of a float (N, C, H, W) batch, bilinearly."""
+    n, _, height, width = images.shape
+    boxes = crop_boxes(n, height, width, scale, ratio, generator)
+    x0, y0, w, h = boxes.unbind(1)
+    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = w / width * sign
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    grid = F.affine_grid(theta.to(images.device, images.dtype), [n, images.shape[1], res, res], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def center_crop(images: Tensor, res: int, resize_ratio: float) -> Tensor:
+    """Resize the short side to round(res / resize_ratio) (antialiased) and crop the centre res x res."""
+    _, _, height, width = images.shape
+    short = round(res / resize_ratio)
+    if min(height, width) != short:
+        scale = short / min(height, width)
+        size = (max(short, round(height * scale)), max(short, round(width * scale)))
+        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top = (images.shape[2] - res) // 2
+    left = (images.shape[3] - res) // 2
+    return images[:, :, top:top + res, left:left + res]
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
+              channels_last: bool) -> Tensor:
+    """(x / 255 - mean) / std for an (N, C, H, W) batch of 0-255 pixels, in `dtype` and memory format."""
+    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    out = (images.float() - m) / s
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return out.to(dtype=dtype, memory_format=fmt)

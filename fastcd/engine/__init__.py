@@ -1,0 +1,1 @@
+"""The training engine: checkpoints, the distillation step, the epoch loop, evaluation."""

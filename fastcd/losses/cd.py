@@ -1,0 +1,51 @@
+"""Channel distillation (the seed's `CDLoss`): match per-channel spatial means, stage by stage."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastcd.kernels.dispatch import IMPLS, check_impl, resolve_impl
+from fastcd.losses.registry import DistillLoss, register
+
+
+def cd_eager(stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
+    """sum_i mean_{n,c} (mean_{h,w} s_i - mean_{h,w} t_i)^2 in fp32."""
+    total = torch.zeros((), device=stu_features[0].device)
+    for s, t in zip(stu_features, tea_features, strict=True):
+        diff = s.float().mean(dim=(2, 3)) - t.float().mean(dim=(2, 3))
+        total = total + diff.pow(2).mean()
+    return total
+
+
+@register("CDLoss")
+class CDLoss(DistillLoss):
+    """`CDLoss()(stu_features, tea_features)`; the student features are the connectors' outputs.
+
+    `impl`: auto (the Triton kernel on CUDA tensors, eager elsewhere), triton, cuda (the optional
+    C++ extension) or eager. The fused kernels give the (frozen) teacher no gradient.
+    """
+
+    inputs = ("conn_feats", "tea_feats")
+
+    def __init__(self, impl: str = "auto") -> None:
+        super().__init__()
+        check_impl(impl, "CDLoss", IMPLS)
+        if impl == "cuda":
+            from fastcd.kernels.cd_cuda import extension
+
+            extension()  # fail at construction, not at the first step
+        self.impl = impl
+
+    def forward(self, stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
+        impl = resolve_impl(self.impl, stu_features[0])
+        if impl == "triton":
+            from fastcd.kernels.cd_triton import cd_triton
+
+            return cd_triton(stu_features, tea_features)
+        if impl == "cuda":
+            from fastcd.kernels.cd_cuda import cd_cuda
+
+            return cd_cuda(stu_features, tea_features)
+        return cd_eager(stu_features, tea_features)

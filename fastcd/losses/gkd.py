@@ -1,0 +1,40 @@
+"""Guided KD (the seed's `KDLossv2`): the KD term over the samples the teacher gets right."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from fastcd.kernels.dispatch import check_impl, resolve_impl
+from fastcd.losses.kd import kd_rows
+from fastcd.losses.registry import DistillLoss, register
+
+IMPLS = ("auto", "triton", "eager")  # no CUDA C++ version of this one
+
+
+def gkd_eager(stu_pred: Tensor, tea_pred: Tensor, label: Tensor, T: float) -> Tensor:
+    """Sum of the KD rows where argmax(teacher) == label, / their count; 0 when none (no host sync)."""
+    mask = (tea_pred.argmax(dim=1) == label).float()
+    return (kd_rows(stu_pred, tea_pred, T) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@register("KDLossv2")
+class KDLossv2(DistillLoss):
+    """`KDLossv2(T)(stu_pred, tea_pred, label)`.
+
+    `impl`: auto (the Triton kernel on CUDA tensors, eager elsewhere), triton or eager. The fused
+    kernel gives the (frozen) teacher no gradient.
+    """
+
+    inputs = ("stu_logits", "tea_logits", "labels")
+
+    def __init__(self, T: float = 1.0, impl: str = "auto") -> None:
+        super().__init__()
+        check_impl(impl, "KDLossv2", IMPLS)
+        self.T = T
+        self.impl = impl
+
+    def forward(self, stu_pred: Tensor, tea_pred: Tensor, label: Tensor) -> Tensor:
+        if resolve_impl(self.impl, stu_pred) == "triton":
+            from fastcd.kernels.gkd_triton import gkd_triton
+
+            return gkd_triton(stu_pred, tea_pred, label, self.T)
+        return gkd_eager(stu_pred, tea_pred, label, self.T)

@@ -1,0 +1,79 @@
+"""The one registry of losses: `loss_name` in a config resolves here.
+
+Every loss is an `nn.Module` subclass of `DistillLoss`, whose `inputs` names the fields of
+`fastcd.models.DistillOutputs` it is called with, in order. The engine calls
+`loss(*[getattr(outputs, name) for name in loss.inputs])`, so a loss keeps the seed's call
+signature (`KDLossv2(T)(stu_pred, tea_pred, label)`) and the engine needs no per-loss code.
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+from torch import nn
+
+from fastcd.errors import FastcdError
+
+# Fields of DistillOutputs a loss may ask for.
+INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "conn_feats",
+               "stu_embed", "tea_embed")
+
+
+class DistillLoss(nn.Module):
+    """Base class: declares the inputs (see INPUT_NAMES) the loss is called with."""
+
+    inputs: ClassVar[tuple[str, ...]] = ()
+    # True for a loss that reads `conn_feats` of only some stages (DDP must then allow unused parameters).
+    partial_connectors: ClassVar[bool] = False
+
+
+LOSSES: dict[str, type[DistillLoss]] = {}
+L = TypeVar("L", bound=type[DistillLoss])
+
+
+def register(name: str) -> Callable[[L], L]:
+    """Class decorator adding a loss to the registry under `name` (the config's `loss_name`)."""
+
+    def add(cls: L) -> L:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        unknown = set(cls.inputs) - set(INPUT_NAMES)
+        if unknown:
+            raise ValueError(f"loss {name!r} asks for unknown inputs {sorted(unknown)}")
+        LOSSES[name] = cls
+        return cls
+
+    return add
+
+
+def nearest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
+
+
+def loss_class(name: str) -> type[DistillLoss]:
+    """The registered class for `name`, or a FastcdError naming the valid names."""
+    if name not in LOSSES:
+        raise FastcdError(f"unknown loss_name {name!r}{nearest(name, list(LOSSES))}; "
+                          f"registered: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def loss_params(name: str) -> list[str]:
+    """Constructor parameters a config entry may set for loss `name`."""
+    sig = inspect.signature(loss_class(name).__init__)
+    return [p for p in sig.parameters if p != "self"]
+
+
+def build_loss(name: str, params: dict[str, Any]) -> DistillLoss:
+    """Instantiate loss `name` with `params`; unknown parameters are an error naming the nearest."""
+    allowed = loss_params(name)
+    for key in params:
+        if key not in allowed:
+            raise FastcdError(f"loss {name!r} has no parameter {key!r}{nearest(key, allowed)}; "
+                              f"it takes: {', '.join(allowed) or 'nothing'}")
+    return loss_class(name)(**params)

@@ -1,0 +1,176 @@
+// Fused Channel Distillation loss, CUDA C++ version of cd_triton.py (same math, same outputs).
+// Forward: one block per (n, channel tile), fp32 accumulation of s - t over H*W; writes the
+// (N, C) differences d and one partial sum of d^2 / (N*C) per block. Backward: grad_s written in
+// the student's memory order from d only.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 32;  // blockDim.x
+constexpr int kRows = 8;    // blockDim.y
+
+struct MapStrides {
+  int64_t n, c, hw;
+};
+
+MapStrides hw_strides(const at::Tensor& x) {
+  return {x.stride(0), x.stride(1), x.size(3) > 1 ? x.stride(3) : x.stride(2)};
+}
+
+bool channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// C_INNER (channels_last): lanes walk 32 channels, rows walk H*W; tile = 32 channels.
+// Otherwise (NCHW): each row (warp) owns a channel, lanes walk H*W; tile = 8 channels.
+template <typename scalar_t, bool C_INNER>
+__global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
+                                  const scalar_t* __restrict__ t, MapStrides ts, int C, int HW,
+                                  float inv_hw, float inv_nc, float* __restrict__ d,
+                                  float* __restrict__ partial) {
+  constexpr int tile = C_INNER ? kLanes : kRows;
+  const int tiles = (C + tile - 1) / tile;
+  const int n = blockIdx.x / tiles;
+  const int c = (blockIdx.x % tiles) * tile + (C_INNER ? threadIdx.x : threadIdx.y);
+  const int hw0 = C_INNER ? threadIdx.y : threadIdx.x;
+  constexpr int hw_step = C_INNER ? kRows : kLanes;
+  float acc = 0.f;
+  if (c < C) {
+    const scalar_t* sp = s + n * ss.n + c * ss.c;
+    const scalar_t* tp = t + n * ts.n + c * ts.c;
+#pragma unroll 4
+    for (int hw = hw0; hw < HW; hw += hw_step) {
+      acc += static_cast<float>(sp[hw * ss.hw]) - static_cast<float>(tp[hw * ts.hw]);
+    }
+  }
+  __shared__ float sums[kRows][kLanes + 1];
+  __shared__ float sq[kLanes];
+  float mine = 0.f;  // d^2 of this thread's channel, on one thread per channel
+  if (C_INNER) {
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      float total = 0.f;
+      for (int r = 0; r < kRows; ++r) total += sums[r][threadIdx.x];
+      if (c < C) {
+        const float diff = total * inv_hw;
+        d[n * C + c] = diff;
+        mine = diff * diff;
+      }
+    }
+  } else {
+    for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if (threadIdx.x == 0 && c < C) {
+      const float diff = acc * inv_hw;
+      d[n * C + c] = diff;
+      mine = diff * diff;
+    }
+  }
+  // Block sum of `mine`: per-warp shuffle, then the first warp.
+  for (int off = kLanes / 2; off > 0; off /= 2) mine += __shfl_down_sync(0xffffffffu, mine, off);
+  if (threadIdx.x == 0) sq[threadIdx.y] = mine;
+  __syncthreads();
+  if (threadIdx.y == 0 && threadIdx.x == 0) {
+    float total = 0.f;
+    for (int r = 0; r < kRows; ++r) total += sq[r];
+    partial[blockIdx.x] = total * inv_nc;
+  }
+}
+
+template <typename scalar_t, bool C_INNER>
+__global__ void cd_backward_kernel(const float* __restrict__ d, const float* __restrict__ grad_out,
+                                   scalar_t* __restrict__ grad, int64_t numel, int C, int HW,
+                                   float scale) {
+  const float g = *grad_out * scale;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t nc = C_INNER ? (i / (static_cast<int64_t>(HW) * C)) * C + i % C : i / HW;
+    grad[i] = static_cast<scalar_t>(d[nc] * g);
+  }
+}
+
+template <bool C_INNER>
+void launch_forward(const at::Tensor& s, const at::Tensor& t, const at::Tensor& d,
+                    const at::Tensor& partial, int blocks, cudaStream_t stream) {
+  const int N = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "cd_forward", [&] {
+    cd_forward_kernel<scalar_t, C_INNER><<<blocks, dim3(kLanes, kRows), 0, stream>>>(
+        s.data_ptr<scalar_t>(), hw_strides(s), t.data_ptr<scalar_t>(), hw_strides(t), C, HW,
+        1.f / HW, 1.f / (static_cast<float>(N) * C), d.data_ptr<float>(), partial.data_ptr<float>());
+  });
+}
+
+}  // namespace
+
+// Returns [loss, d_0, ..., d_{K-1}].
+std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& tea) {
+  TORCH_CHECK(!stu.empty() && stu.size() == tea.size(), "cd_forward: one teacher map per student map");
+  const c10::cuda::CUDAGuard guard(stu[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<int> blocks(stu.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < stu.size(); ++i) {
+    const at::Tensor& s = stu[i];
+    TORCH_CHECK(s.is_cuda() && tea[i].is_cuda(), "cd_forward: stage ", i, " is not on a CUDA device");
+    TORCH_CHECK(s.scalar_type() == tea[i].scalar_type(), "cd_forward: stage ", i,
+                " student and teacher dtypes differ; the cuda impl needs one dtype");
+    TORCH_CHECK(s.sizes() == tea[i].sizes(), "cd_forward: stage ", i, " shapes differ");
+    const int tile = channels_last(s) ? kLanes : kRows;
+    blocks[i] = s.size(0) * ((s.size(1) + tile - 1) / tile);
+    total += blocks[i];
+  }
+  const auto f32 = stu[0].options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor partial = at::empty({total}, f32);
+  std::vector<at::Tensor> out{at::Tensor()};
+  int64_t offset = 0;
+  for (size_t i = 0; i < stu.size(); ++i) {
+    at::Tensor d = at::empty({stu[i].size(0), stu[i].size(1)}, f32);
+    at::Tensor part = partial.narrow(0, offset, blocks[i]);
+    if (channels_last(stu[i])) {
+      launch_forward<true>(stu[i], tea[i], d, part, blocks[i], stream);
+    } else {
+      launch_forward<false>(stu[i], tea[i], d, part, blocks[i], stream);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    out.push_back(d);
+    offset += blocks[i];
+  }
+  out[0] = partial.sum();
+  return out;
+}
+
+// Fills each grads[i] (dense, the student's layout and dtype) with grad_out * 2 d / numel.
+void cd_backward(const std::vector<at::Tensor>& diffs, const at::Tensor& grad_out,
+                 const std::vector<at::Tensor>& grads) {
+  TORCH_CHECK(diffs.size() == grads.size(), "cd_backward: one gradient per difference");
+  if (grads.empty()) return;
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor g = grad_out.to(at::kFloat).contiguous();
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& grad = grads[i];
+    const int C = grad.size(1), HW = grad.size(2) * grad.size(3);
+    const int64_t numel = grad.numel();
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((numel + threads - 1) / threads, 65535));
+    const bool cl = channels_last(grad);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "cd_backward", [&] {
+      if (cl) {
+        cd_backward_kernel<scalar_t, true><<<blocks, threads, 0, stream>>>(
+            diffs[i].data_ptr<float>(), g.data_ptr<float>(), grad.data_ptr<scalar_t>(), numel, C, HW,
+            2.f / numel);
+      } else {
+        cd_backward_kernel<scalar_t, false><<<blocks, threads, 0, stream>>>(
+            diffs[i].data_ptr<float>(), g.data_ptr<float>(), grad.data_ptr<scalar_t>(), numel, C, HW,
+            2.f / numel);
+      }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}

@@ -1,0 +1,159 @@
+"""Fused Channel Distillation loss (Triton).
+
+Forward, one launch per stage and one pass over each map: d[n, c] = mean_hw(s) - mean_hw(t) in
+fp32, and per program sum_c d^2 / (N*C); the loss is the sum of those partials. Only the N x C
+differences are saved. Backward, one launch per stage: grad_s = grad_out * 2 * d[n, c] / (N*C*H*W)
+written in the student's memory order. The teacher gets no gradient.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastcd.kernels.checks import (
+    Alloc,
+    Like,
+    check_features,
+    check_no_teacher_grad,
+    check_triton_device,
+    empty_map,
+    hw_strides,
+    is_channels_last,
+    student_grads,
+)
+
+TILE = 2048  # elements per tensor per loop step
+BACKWARD_BLOCK = 1024
+
+
+@triton.jit
+def _cd_forward_kernel(
+    S_ptr, S_stride_n, S_stride_c, S_stride_hw,  # student map (N, C, H*W), any dense layout
+    T_ptr, T_stride_n, T_stride_c, T_stride_hw,  # teacher map, same shape
+    D_ptr,  # (N, C) fp32 out: mean_hw(s) - mean_hw(t)
+    Partial_ptr,  # (num_programs,) fp32 out: sum over this program's channels of d^2 / (N*C)
+    C, HW, inv_hw, inv_nc,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_cb = tl.cdiv(C, BLOCK_C)
+    n = pid // num_cb
+    c = (pid % num_cb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    s_base = S_ptr + n * S_stride_n + c[:, None] * S_stride_c  # [BLOCK_C, 1]
+    t_base = T_ptr + n * T_stride_n + c[:, None] * T_stride_c
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], dtype=tl.float32)
+    for start in range(0, HW, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw[None, :] < HW)  # [BLOCK_C, BLOCK_HW]
+        s = tl.load(s_base + hw[None, :] * S_stride_hw, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_base + hw[None, :] * T_stride_hw, mask=mask, other=0.0).to(tl.float32)
+        acc += s - t
+    d = tl.sum(acc, axis=1) * inv_hw  # [BLOCK_C]
+    tl.store(D_ptr + n * C + c, d, mask=c_mask)
+    tl.store(Partial_ptr + pid, tl.sum(d * d, axis=0) * inv_nc)
+
+
+@triton.jit
+def _cd_backward_kernel(
+    D_ptr,  # (N, C) fp32 differences from the forward
+    GradOut_ptr,  # () incoming gradient of the loss
+    Grad_ptr,  # (N, C, H, W) out, dense, in the order named by CHANNELS_LAST
+    numel, C, HW, scale,  # scale = 2 / (N*C*H*W)
+    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # memory order of the gradient
+    mask = i < numel
+    if CHANNELS_LAST:
+        nc = (i // (HW * C)) * C + i % C
+    else:
+        nc = i // HW
+    g = tl.load(GradOut_ptr).to(tl.float32) * scale
+    d = tl.load(D_ptr + nc, mask=mask, other=0.0)
+    tl.store(Grad_ptr + i, (d * g).to(Grad_ptr.dtype.element_ty), mask=mask)
+
+
+def forward_blocks(x: Tensor, wanted: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW): along the contiguous axis first, so loads coalesce in either layout."""
+    n, c, h, w = x.shape
+    if is_channels_last(x):
+        block_c = min(triton.next_power_of_2(c), 64)
+        while block_c > 16 and n * triton.cdiv(c, block_c) < wanted:
+            block_c //= 2  # more programs for small batches; 16 channels still fill 32-byte sectors
+        return block_c, max(1, min(triton.next_power_of_2(h * w), TILE // block_c))
+    block_hw = min(triton.next_power_of_2(h * w), TILE // 2)
+    return max(1, min(triton.next_power_of_2(c), TILE // block_hw)), block_hw
+
+
+@functools.cache
+def programs_wanted(device: torch.device) -> int:
+    """About four programs per SM keep enough loads in flight."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def cd_forward(stu: Sequence[Tensor], tea: Sequence[Tensor], alloc: Alloc = torch.empty,
+               blocks: tuple[int, int] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Loss (fp32 scalar) and the per-stage (N, C) fp32 differences; `alloc` makes the outputs."""
+    check_features(stu, tea)
+    check_triton_device(stu[0], "stu_feats[0]")
+    device = stu[0].device
+    wanted = programs_wanted(device)
+    plans = []
+    for s in stu:
+        block_c, block_hw = blocks or forward_blocks(s, wanted)
+        plans.append((block_c, block_hw, s.shape[0] * triton.cdiv(s.shape[1], block_c)))
+    partials = alloc((sum(p[2] for p in plans),), dtype=torch.float32, device=device)
+    diffs, offset = [], 0
+    for s, t, (block_c, block_hw, grid) in zip(stu, tea, plans, strict=True):
+        n, c, h, w = s.shape
+        d = alloc((n, c), dtype=torch.float32, device=device)
+        _cd_forward_kernel[(grid,)](
+            s, *hw_strides(s), t, *hw_strides(t), d, partials[offset:offset + grid],
+            c, h * w, 1.0 / (h * w), 1.0 / (n * c), BLOCK_C=block_c, BLOCK_HW=block_hw)
+        diffs.append(d)
+        offset += grid
+    return partials.sum(), diffs
+
+
+def cd_backward(diffs: Sequence[Tensor], grad_out: Tensor, like: Sequence[Like],
+                alloc: Alloc = torch.empty, block: int = BACKWARD_BLOCK) -> list[Tensor]:
+    """Student gradients, one per stage, each shaped/laid out/typed as described by `like`."""
+    grads = []
+    for d, (shape, channels_last, dtype) in zip(diffs, like, strict=True):
+        grad = empty_map(alloc, shape, channels_last, dtype, d.device)
+        _, c, h, w = shape
+        numel = grad.numel()
+        _cd_backward_kernel[(triton.cdiv(numel, block),)](
+            d, grad_out, grad, numel, c, h * w, 2.0 / numel, CHANNELS_LAST=channels_last, BLOCK=block)
+        grads.append(grad)
+    return grads
+
+
+class CDTritonFunction(torch.autograd.Function):
+    """Inputs: the K student maps, then the K teacher maps; output: the fp32 loss."""
+
+    @staticmethod
+    def forward(ctx, *maps: Tensor) -> Tensor:
+        k = len(maps) // 2
+        loss, diffs = cd_forward(maps[:k], maps[k:])
+        ctx.save_for_backward(*diffs)
+        ctx.like = [(s.shape, is_channels_last(s), s.dtype) for s in maps[:k]]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        return student_grads(ctx, lambda diffs, like: cd_backward(diffs, grad_out.contiguous(), like))
+
+
+def cd_triton(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> Tensor:
+    """sum_i mean_{n,c} (mean_hw s_i - mean_hw t_i)^2, fused; gradients flow to the student maps only."""
+    check_features(stu, tea)  # before apply() splits its arguments in halves
+    check_no_teacher_grad(tea)
+    return CDTritonFunction.apply(*stu, *tea)

@@ -1,0 +1,127 @@
+"""Core data pieces: batched crops, sharding, resolution schedule, idx files, in-memory and ImageFolder loaders."""
+import gzip
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastcd.config import DataConfig
+from fastcd.data import LoaderContext, build_loader
+from fastcd.data.fashion_mnist import FASHION_MNIST_DIR, read_idx
+from fastcd.data.resolution import train_res
+from fastcd.data.sharding import epoch_indices
+from fastcd.data.transforms import center_crop, crop_boxes, normalize, random_resized_crop
+from fastcd.errors import FastcdError
+
+
+def test_crop_boxes_follow_random_resized_crop_bounds():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    h, w = 37, 53
+    boxes = crop_boxes(4000, h, w, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    x0, y0, bw, bh = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + bw <= w).all() and (y0 + bh <= h).all()
+    area = bw * bh / (h * w)
+    assert area.min() >= 0.08 * 0.8 and area.max() <= 1.0
+    ratio = bw / bh
+    assert ratio.min() > 3 / 4 * 0.85 and ratio.max() < 4 / 3 * 1.15  # rounding to whole pixels
+    assert 0.3 < area.mean() < 0.7  # uniform scale draws, some rejected
+
+
+def test_full_box_without_flip_equals_a_plain_resize():
+    x = torch.rand(3, 2, 20, 20) * 255
+    g = torch.Generator().manual_seed(0)
+    out = random_resized_crop(x, 20, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-3)
+    flipped = random_resized_crop(x.repeat(64, 1, 1, 1), 20, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True)
+    is_flip = [torch.allclose(o, x[i % 3].flip(2), atol=1e-3) for i, o in enumerate(flipped)]
+    is_same = [torch.allclose(o, x[i % 3], atol=1e-3) for i, o in enumerate(flipped)]
+    assert all(a or b for a, b in zip(is_flip, is_same)) and 50 < sum(is_flip) < 142  # 192 fair coin flips
+
+
+def test_center_crop_and_normalize():
+    x = torch.arange(2 * 3 * 8 * 10, dtype=torch.float32).view(2, 3, 8, 10)
+    assert torch.equal(center_crop(x, 6, 0.75), x[:, :, 1:7, 2:8])
+    resized = center_crop(x, 4, 0.5)
+    torch.testing.assert_close(resized, F.interpolate(x, size=(8, 10), mode="bilinear", antialias=True)[:, :, 2:6, 3:7])
+    out = normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), [0.5] * 3, [0.25] * 3, torch.bfloat16, True)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.all(out == 2)
+
+
+@pytest.mark.parametrize("n,world", [(103, 1), (103, 2), (100, 3)])
+def test_sharding_is_disjoint_and_covers(n, world):
+    val = [epoch_indices(n, epoch=0, seed=1, rank=r, world_size=world, train=False) for r in range(world)]
+    assert sorted(torch.cat(val).tolist()) == list(range(n))
+    train = [epoch_indices(n, epoch=3, seed=1, rank=r, world_size=world, train=True) for r in range(world)]
+    flat = torch.cat(train).tolist()
+    assert len(set(flat)) == len(flat) == (n // world) * world and len({len(t) for t in train}) == 1
+    again = epoch_indices(n, epoch=4, seed=1, rank=0, world_size=world, train=True)
+    assert not torch.equal(again, train[0])
+
+
+def test_resolution_ramp():
+    cfg = DataConfig(res=224, min_res=160, max_res=192, start_ramp=10, end_ramp=13)
+    assert [train_res(cfg, e) for e in (0, 10, 11, 12, 13, 20)] == [160, 160, 160, 192, 192, 192]
+    assert all(train_res(cfg, e) % 32 == 0 for e in range(30))
+    assert train_res(DataConfig(res=176), 5) == 176
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_and_in_memory_loader(tmp_path):
+    rng = np.random.default_rng()
+    for split, n in (("train", 70), ("t10k", 30)):
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    assert read_idx(tmp_path / "train-images-idx3-ubyte.gz").shape == (70, 28, 28)
+    cfg = DataConfig(backend="fashion-mnist", path=str(tmp_path), batch_size=16, res=32, val_res=32,
+                     val_resize_ratio=1.0, mean=[0.5] * 3, std=[0.5] * 3)
+    ctx = LoaderContext(torch.device("cpu"), num_classes=10)
+    train, val = build_loader(cfg, "train", ctx), build_loader(cfg, "val", ctx)
+    batches = list(train)
+    assert len(batches) == len(train) == 4  # drop_last
+    x, y = batches[0]
+    assert x.shape == (16, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.int64
+    assert x.min() >= -1.001 and x.max() <= 1.001
+    labels = torch.cat([b[1] for b in val])
+    expected = read_idx(tmp_path / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    assert labels.tolist() == expected.tolist()
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 8))
+    with pytest.raises(FastcdError, match="truncated"):
+        build_loader(cfg, "val", ctx)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_files():
+    images, labels = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte"), read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte")
+    assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_imagefolder_loader_and_errors(tmp_path):
+    rng = np.random.default_rng()
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "eel"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(5):
+                Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.jpg")
+    cfg = DataConfig(path=str(tmp_path), batch_size=4, workers=0, res=24, val_res=24)
+    ctx = LoaderContext(torch.device("cpu"), num_classes=3)
+    x, y = next(iter(build_loader(cfg, "train", ctx)))
+    assert x.shape == (4, 3, 24, 24) and x.is_contiguous(memory_format=torch.channels_last)
+    val = build_loader(cfg, "val", ctx)
+    assert sorted(torch.cat([b[1] for b in val]).tolist()) == sorted([0, 1, 2] * 5)
+    with pytest.raises(FastcdError, match="has 3 classes but the model has num_classes=10"):
+        build_loader(cfg, "val", LoaderContext(torch.device("cpu"), num_classes=10))
+    (tmp_path / "train" / "fox").mkdir()
+    with pytest.raises(FastcdError, match="fox' is empty"):
+        build_loader(cfg, "train", ctx)
+    with pytest.raises(FastcdError, match="does not exist"):
+        build_loader(DataConfig(path=str(tmp_path / "missing")), "train", ctx)
+    assert math.isfinite(float(x.float().mean()))

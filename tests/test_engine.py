@@ -1,0 +1,130 @@
+"""The training engine end to end on tiny synthetic runs: learning, exact resume, failures, every flag, DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastcd.cli import main
+from fastcd.engine.checkpoint import load_checkpoint
+from fastcd.engine.trainer import train
+from fastcd.errors import FastcdError
+from fastcd.losses.ce import CELoss
+from tests.conftest import tiny_dict
+
+
+def test_tiny_distillation_lowers_its_loss_and_writes_its_outputs(tiny_config):
+    cfg = tiny_config("train.epochs=3", "loss_list.0.loss_rate_decay=lrdv1", "loss_list.1.loss_rate_decay=lrdv1")
+    history = train(cfg)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["losses"][2] < history[0]["losses"][2]
+    lines = (cfg.out_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    ckpt = load_checkpoint(cfg.out_path / "latest.pt")
+    assert ckpt["epoch"] == 3 and ckpt["config"]["name"] == "tiny" and (cfg.out_path / "best.pt").is_file()
+    assert len(ckpt["connectors"]) > 0
+
+
+def test_student_alone_learns_the_synthetic_classes(tiny_config):
+    history = train(tiny_config("teacher=null", "loss_list=[{loss_name: CELoss}]", "optim.lr=0.1"))
+    assert history[-1]["val_top1_err"] < 50  # 4 classes: chance is 75% error
+
+
+def test_edt_weights_are_logged_per_epoch(tiny_config):
+    history = train(tiny_config("train.epochs=10", "train.max_steps_per_epoch=1"))
+    ce = [r["weights"][0] for r in history]
+    cd = [r["weights"][2] for r in history]
+    assert ce[:3] == [0, 0, 0] and ce[3:] == [1] * 7 and cd[:2] == [6, 6] and cd[2] == pytest.approx(5.4) and cd[-1] == pytest.approx(6 * 0.9**3)
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_config):
+    full = tiny_config()
+    train(full)
+    reference = load_checkpoint(full.out_path / "latest.pt")
+    split = tiny_config(f"train.out_dir={tmp_path / 'split'}")
+    train(split, stop_after_epoch=1)
+    assert load_checkpoint(split.out_path / "latest.pt")["epoch"] == 1
+    train(split, resume=True)
+    resumed = load_checkpoint(split.out_path / "latest.pt")
+    for part in ("model", "connectors"):
+        for key, value in reference[part].items():
+            assert torch.equal(value, resumed[part][key]), key
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in reference["history"]]
+
+
+def test_impossible_resume_is_an_error(tiny_config):
+    cfg = tiny_config("train.epochs=2")
+    train(cfg, stop_after_epoch=1)
+    with pytest.raises(FastcdError, match="cannot resume.*its student is .*resnet18.*the config's is .*resnet34"):
+        train(tiny_config("train.epochs=2", "student.arch=resnet34"), resume=True)
+    with pytest.raises(FastcdError, match="checkpoint .*latest.pt' does not exist"):
+        train(tiny_config(f"train.out_dir={cfg.out_path}-other"), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    train(cfg, stop_after_epoch=1)
+    good = (cfg.out_path / "latest.pt").read_bytes()
+    monkeypatch.setattr(CELoss, "forward", lambda self, s, y: s.float().sum() * float("nan"))
+    with pytest.raises(FastcdError, match=r"non-finite loss at epoch 2, step 8: CELoss=nan, KDLossv2=[\d.]+, CDLoss"):
+        train(cfg, resume=True)
+    assert (cfg.out_path / "latest.pt").read_bytes() == good
+
+
+FLAGS = [
+    ["train.amp=bf16"],
+    ["train.amp=fp16"],
+    ["optim.fused=true", "optim.nesterov=true"],
+    ["train.channels_last=false"],
+    ["teacher.bn_mode=train"],
+    ["data.flip_tta=true", "data.val_batch_size=7"],
+    ["optim.schedule=linear", "optim.peak_epoch=1"],
+    ["optim.schedule=multistep", "optim.milestones=[1]", "optim.warmup_epochs=0.5"],
+    ["optim.schedule=step", "optim.step_size=1"],
+    ["data.min_res=16", "data.max_res=32", "data.start_ramp=0", "data.end_ramp=1", "data.res=32"],
+    ["teacher=null", "loss_list=[{loss_name: CELoss, label_smoothing: 0.1}]"],
+    ["loss_list=[{loss_name: CELoss}, {loss_name: KDLoss, T: 4, loss_type: kd_family}]"],
+    ["train.dataset_type=cifar"],
+]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: " ".join(f))
+def test_every_flag_runs_a_step(tiny_config, flags):
+    history = train(tiny_config("train.epochs=2", "train.max_steps_per_epoch=2", *flags))
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+
+
+@pytest.mark.slow
+def test_compile_runs_a_step(tiny_config):
+    history = train(tiny_config("train.epochs=1", "train.max_steps_per_epoch=2", "train.compile=true"))
+    assert len(history) == 1
+
+
+def test_cli_train_and_eval(tiny_config, tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "cli"))))
+    assert main(["train", str(cfg_path), "--set", "train.epochs=1"]) == 0
+    assert main(["eval", str(cfg_path), "--checkpoint", str(tmp_path / "cli" / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "best val top-1/top-5 error" in out and "top-1 error" in out
+    assert main(["eval", str(cfg_path), "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """torchrun with 2 gloo ranks trains and rank 0 alone writes the checkpoint."""
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "ddp"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "fastcd.cli", "train",
+                           str(cfg_path), "--set", "train.epochs=2"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "latest.pt", "metrics.jsonl"]
+    history = load_checkpoint(tmp_path / "ddp" / "latest.pt")["history"]
+    assert len(history) == 2 and proc.stdout.count("epoch 2/2") == 1  # only rank 0 logs

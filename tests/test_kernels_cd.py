@@ -1,0 +1,130 @@
+"""The fused CD kernels (Triton; TRITON_INTERPRET=1 on CPU, set by fastcd.kernels) against the
+float64 reference: odd shapes, both layouts, three dtypes, values and gradients, poisoned outputs."""
+import functools
+
+import pytest
+import torch
+
+from fastcd.errors import FastcdError
+from fastcd.kernels.cd_triton import cd_backward, cd_forward, cd_triton
+from fastcd.kernels.checks import is_channels_last
+from fastcd.losses.cd import CDLoss, cd_eager
+from fastcd.losses.reference import cd_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+nan_alloc = functools.partial(torch.full, fill_value=float("nan"))
+
+# Stage lists: odd channel counts, batch 1, 1x1 and 7x7 maps; then two large maps (kept small in N, C).
+SMALL = [(2, 5, 7, 7), (1, 3, 1, 1), (3, 17, 4, 6), (2, 64, 2, 3)]
+LARGE = [(1, 3, 56, 56), (2, 8, 28, 28)]
+LAYOUTS = ("nchw", "channels_last", "mixed")  # mixed: channels_last student, NCHW teacher
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """Relative to the largest magnitude of `want` (gradients can be tiny in half precision)."""
+    rtol = RTOL[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * float(want.detach().abs().max()) + 1e-12)
+
+
+def make_maps(shapes, dtype, layout, grad=True):
+    """Fresh random student/teacher maps, with per-channel offsets so the means differ."""
+    stu, tea = [], []
+    for shape in shapes:
+        s = torch.randn(shape, device=DEVICE) + torch.randn(shape[:2] + (1, 1), device=DEVICE)
+        t = torch.randn(shape, device=DEVICE)
+        if layout != "nchw":
+            s = s.to(memory_format=torch.channels_last)
+        if layout == "channels_last":
+            t = t.to(memory_format=torch.channels_last)
+        stu.append(s.to(dtype).requires_grad_(grad))
+        tea.append(t.to(dtype))
+    return stu, tea
+
+
+def reference_grads(stu, tea, grad_out):
+    want = [s.detach().double().requires_grad_() for s in stu]
+    loss = cd_reference(want, tea)
+    loss.backward(grad_out.double())
+    return loss, [w.grad for w in want]
+
+
+@pytest.mark.parametrize("dtype", RTOL)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shapes", [SMALL, LARGE], ids=["small", "large"])
+def test_cd_triton_matches_reference(shapes, layout, dtype):
+    stu, tea = make_maps(shapes, dtype, layout)
+    grad_out = torch.rand((), device=DEVICE) + 0.5
+    loss = cd_triton(stu, tea)
+    loss.backward(grad_out)
+    want, want_grads = reference_grads(stu, tea, grad_out)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    close(loss, want, torch.float32)  # inputs are exact in fp32: only the fp32 accumulation differs
+    for s, g, w in zip(stu, [s.grad for s in stu], want_grads, strict=True):
+        assert g.dtype == s.dtype
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert g.is_contiguous(memory_format=layout) or not s.is_contiguous(memory_format=layout)
+        close(g, w, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cd_launchers_write_every_output(layout):
+    """Outputs start as NaN; small blocks force several channel tiles and H*W loop steps."""
+    stu, tea = make_maps(SMALL, torch.float32, layout, grad=False)
+    grad_out = torch.rand((), device=DEVICE) + 0.5
+    want, want_grads = reference_grads(stu, tea, grad_out)
+    for blocks in (None, (2, 4)):
+        loss, diffs = cd_forward(stu, tea, alloc=nan_alloc, blocks=blocks)
+        close(loss, want, torch.float32)
+        for d, s, t in zip(diffs, stu, tea, strict=True):
+            close(d, s.double().mean(dim=(2, 3)) - t.double().mean(dim=(2, 3)), torch.float32)
+        like = [(s.shape, is_channels_last(s), s.dtype) for s in stu]
+        for g, w in zip(cd_backward(diffs, grad_out, like, alloc=nan_alloc, block=64), want_grads, strict=True):
+            close(g, w, torch.float32)
+
+
+def test_cd_teacher_gets_no_gradient_and_frozen_teacher_is_required():
+    stu, tea = make_maps(SMALL[:2], torch.float32, "nchw")
+    with pytest.raises(FastcdError, match="teacher"):
+        cd_triton(stu, [t.requires_grad_() for t in tea])
+    with torch.no_grad():
+        close(cd_triton(stu, tea), cd_reference(stu, tea), torch.float32)
+
+
+def test_cd_bad_inputs_are_clear_errors():
+    stu, tea = make_maps(SMALL[:2], torch.float32, "nchw", grad=False)
+    cases = {
+        "neither NCHW-contiguous nor channels_last": ([stu[0][:, :, ::2], stu[1]], [tea[0][:, :, ::2], tea[1]]),
+        "does not match": (stu, [tea[1], tea[0]]),
+        "one teacher map per student map": (stu, tea[:1]),
+        "4-D": ([stu[0][0], stu[1]], [tea[0][0], tea[1]]),
+        "float32/float16/bfloat16": ([s.double() for s in stu], [t.double() for t in tea]),
+    }
+    for message, (s, t) in cases.items():
+        with pytest.raises(FastcdError, match=message):
+            cd_forward(s, t)
+
+
+@pytest.mark.parametrize("impl", ["auto", "triton", "eager"])
+def test_cd_dispatch_gives_the_eager_values_and_gradients(impl):
+    stu, tea = make_maps(SMALL, torch.float32, "channels_last")
+    grad_out = torch.rand((), device=DEVICE) + 0.5
+    CDLoss(impl=impl)(stu, tea).backward(grad_out)
+    got = [s.grad for s in stu]
+    want = [s.detach().clone().requires_grad_() for s in stu]
+    want_loss = cd_eager(want, tea)
+    want_loss.backward(grad_out)
+    torch.testing.assert_close(CDLoss(impl=impl)(stu, tea), want_loss, rtol=1e-5, atol=1e-7)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.grad, rtol=1e-5, atol=1e-5 * float(w.grad.abs().max()))
+
+
+def test_cd_dispatch_rejects_unknown_and_unbuilt_impls(monkeypatch):
+    with pytest.raises(FastcdError, match="unknown impl 'fast'"):
+        CDLoss(impl="fast")
+    monkeypatch.delenv("FASTCD_CUDA_JIT", raising=False)
+    try:
+        from fastcd.kernels import _cd_cuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(FastcdError, match="FASTCD_BUILD_CUDA=1"):
+            CDLoss(impl="cuda")
