@@ -1,0 +1,224 @@
+"""`prepare()`: convert SRC's splits into OUT's FFCV and DALI formats, resumable, manifest last.
+
+Per split: worker processes normalise the images (decode once, see `normalise.py`) in sample
+order; this process writes them into webdataset shards with their DALI index, one shard at a time
+(temporary name, renamed when complete). The `.beton` is then written by ffcv's writer from those
+shard bytes. With only `--formats ffcv`, the shards are staged under OUT/.prepare and removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from functools import partial
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fastcd.data_prep.beton import WRITE_MODES, write_beton
+from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_path, write_manifest
+from fastcd.data_prep.normalise import Normalised, normalise_item
+from fastcd.data_prep.shards import ShardWriter, sample_key, shard_name
+from fastcd.data_prep.sources import Source, SplitSource, open_source
+from fastcd.data_prep.state import RunState
+from fastcd.errors import FastcdError
+from fastcd.utils.atomic import atomic_path
+
+FORMATS = ("ffcv", "dali")
+MAX_SIDE = 512
+JPEG_QUALITY = 90
+SHARD_SAMPLES = 1000
+STRICT_NAMES_SHOWN = 5
+
+
+def _check(formats: Sequence[str], max_side: int, jpeg_quality: int, workers: int, shard_samples: int,
+           ffcv_write_mode: str, ffcv_compress_probability: float) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise FastcdError(f"--formats {','.join(formats)!r}: choose one or more of {','.join(FORMATS)}")
+    checks = [(max_side >= 16, f"--max-side {max_side}: must be at least 16"),
+              (1 <= jpeg_quality <= 100, f"--jpeg-quality {jpeg_quality}: must be in 1..100"),
+              (workers >= 1, f"--workers {workers}: must be at least 1"),
+              (shard_samples >= 1, f"--shard-samples {shard_samples}: must be at least 1"),
+              (ffcv_write_mode in WRITE_MODES, f"ffcv write mode {ffcv_write_mode!r}: choose from {WRITE_MODES}"),
+              (0 <= ffcv_compress_probability <= 1, "ffcv compress probability must be in [0, 1]")]
+    for ok, message in checks:
+        if not ok:
+            raise FastcdError(message)
+
+
+def _digest(options: dict, source: Source) -> str:
+    """Identity of a run's output: options that change bytes, class names and the sample listing."""
+    sha = hashlib.sha256(json.dumps([options, source.classes], sort_keys=True).encode())
+    for name, split in source.splits.items():
+        sha.update(f"\0{name}\0".encode())
+        sha.update("\n".join(split.names).encode())
+        sha.update(bytes(str(split.labels), "ascii"))
+    return sha.hexdigest()
+
+
+def _normalised(split: SplitSource, shards: list[int], shard_samples: int, max_side: int, quality: int,
+                workers: int) -> Iterator[Normalised]:
+    """Normalise the samples of `shards`, in order, over `workers` processes."""
+    n = len(split.names)
+    items = (split.items[i] for s in shards for i in range(s * shard_samples, min(n, (s + 1) * shard_samples)))
+    work = partial(normalise_item, max_side=max_side, quality=quality)
+    if workers == 1:
+        yield from map(work, items)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(work, items, chunksize=16)
+
+
+def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: Path, stem: str,
+                 results: Iterator[Normalised], bar: tqdm) -> dict:
+    """Write the samples of source items [lo, hi) as one shard; return its record."""
+    tar, idx = folder / f"{stem}.tar", folder / f"{stem}.idx"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_tar, tmp_idx = folder / f".{stem}.tar.tmp", folder / f".{stem}.idx.tmp"
+    writer = ShardWriter(tmp_tar, tmp_idx)
+    skipped, repaired, counts = [], [], Counter()
+    try:
+        for i in range(lo, hi):
+            r = next(results)
+            counts[r.outcome] += 1
+            bar.update()
+            if r.jpeg is None:
+                skipped.append({"path": split.names[i], "reason": r.note})
+                continue
+            if r.outcome == "repaired":
+                repaired.append({"path": split.names[i], "action": f"{r.note}; saved as RGB JPEG"})
+            writer.add(sample_key(first_key + writer.num_samples), r.jpeg, split.labels[i])
+    except BaseException:
+        writer.abort()
+        tmp_tar.unlink(missing_ok=True)
+        raise
+    sha256 = writer.close()
+    record = {"num_samples": writer.num_samples, "first_key": first_key, "sha256": sha256,
+              "skipped": skipped, "repaired": repaired, "counts": dict(counts)}
+    if writer.num_samples:
+        os.replace(tmp_idx, idx)
+        os.replace(tmp_tar, tar)
+    else:  # every file of this shard was skipped: no shard (DALI rejects empty tars)
+        tmp_idx.unlink()
+        tmp_tar.unlink()
+    return record
+
+
+def _finished_shard(state: RunState, split: str, folder: Path, stem: str) -> dict | None:
+    """The record of a shard finished by an earlier (interrupted) run, if its files are all there."""
+    record = state.load(f"{split}/{stem}")
+    files = [folder / f"{stem}.tar", folder / f"{stem}.idx"]
+    if record is None or (record["num_samples"] and not all(f.is_file() for f in files)):
+        return None
+    return record
+
+
+def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, opts: dict,
+                   workers: int, progress: bool) -> tuple[list[dict], Counter]:
+    """Write (or resume) every shard of `split`; return the shard records, in order, and outcome counts."""
+    size, n = opts["shard_samples"], len(split.names)
+    folder = out / split.name if dali else state.staging(split.name)
+    stems = [shard_name(s) for s in range(math.ceil(n / size))]
+    records = [_finished_shard(state, split.name, folder, stem) for stem in stems]
+    todo = [s for s, r in enumerate(records) if r is None]
+    todo_count = sum(min(n, (s + 1) * size) - s * size for s in todo)
+    results = _normalised(split, todo, size, opts["max_side"], opts["jpeg_quality"], workers)
+    counts: Counter = Counter()
+    with tqdm(total=todo_count, unit="img", desc=f"{split.name}", disable=not progress, smoothing=0.1) as bar:
+        first_key = 0
+        for s, stem in enumerate(stems):
+            if records[s] is None:
+                records[s] = _write_shard(split, s * size, min(n, (s + 1) * size), first_key, folder, stem,
+                                          results, bar)
+                state.save(f"{split.name}/{stem}", records[s])
+            counts.update(records[s]["counts"])
+            first_key += records[s]["num_samples"]
+    for r, stem in zip(records, stems):
+        r["tar"], r["index"] = folder / f"{stem}.tar", folder / f"{stem}.idx"
+    return records, counts
+
+
+def _beton(split: str, out: Path, state: RunState, records: list[dict], opts: dict, workers: int) -> str:
+    """Write (or keep, when resuming) OUT/<split>.beton from the split's shards."""
+    path = out / f"{split}.beton"
+    if state.load(f"{split}.beton", path) is None:
+        shards = [(r["tar"], r["index"]) for r in records if r["num_samples"]]
+        with atomic_path(path) as tmp:
+            write_beton(tmp, shards, write_mode=opts["ffcv_write_mode"], max_side=opts["max_side"],
+                        jpeg_quality=opts["jpeg_quality"],
+                        compress_probability=opts["ffcv_compress_probability"], workers=workers)
+        state.save(f"{split}.beton", {"num_samples": sum(r["num_samples"] for r in records)})
+    return path.name
+
+
+def _strict_failure(split: str, skipped: list[dict]) -> FastcdError:
+    shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:STRICT_NAMES_SHOWN])
+    more = f" and {len(skipped) - STRICT_NAMES_SHOWN} more" if len(skipped) > STRICT_NAMES_SHOWN else ""
+    return FastcdError(f"--strict: {len(skipped)} unreadable file(s) in split {split}: {shown}{more}; "
+                       f"fix or remove them, or run without --strict to skip them")
+
+
+def _summary(name: str, entry: dict, seconds: float) -> str:
+    stats = entry["stats"]
+    parts = ", ".join(f"{v} {k}" for k, v in stats.items() if v)
+    return (f"{name}: {entry['num_samples']} samples ({parts}) in {seconds:.1f} s, "
+            f"{sum(stats.values()) / max(seconds, 1e-9):.0f} img/s")
+
+
+def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
+            splits: Sequence[str] | None = None, max_side: int = MAX_SIDE, jpeg_quality: int = JPEG_QUALITY,
+            workers: int | None = None, shard_samples: int = SHARD_SAMPLES, labels: str | None = None,
+            strict: bool = False, progress: bool = True, limit: int | None = None,
+            ffcv_write_mode: str = "jpg", ffcv_compress_probability: float = 0.5) -> dict:
+    """Convert SRC (ImageNet-layout folder, flat folder + `labels`, or 'fashion-mnist') into OUT.
+
+    `splits=None` takes every split SRC has; `limit` keeps the first N samples per split.
+    Returns the manifest (also written to OUT/manifest.json, last).
+    """
+    formats, workers = list(formats), workers or os.cpu_count() or 1
+    _check(formats, max_side, jpeg_quality, workers, shard_samples, ffcv_write_mode, ffcv_compress_probability)
+    out = Path(out)
+    source = open_source(str(src), splits, str(labels) if labels else None, limit)
+    opts = {"src": str(src) if str(src) == "fashion-mnist" else str(Path(src).resolve()),
+            "formats": formats, "splits": list(source.splits), "max_side": max_side,
+            "jpeg_quality": jpeg_quality, "shard_samples": shard_samples,
+            "labels": str(Path(labels).resolve()) if labels else None, "limit": limit,
+            "ffcv_write_mode": ffcv_write_mode, "ffcv_compress_probability": ffcv_compress_probability}
+    digest = _digest(opts, source)
+    if manifest_path(out).is_file() and not (out / ".prepare").is_dir():
+        manifest = json.loads(manifest_path(out).read_text())
+        if manifest.get("digest") == digest:
+            load_manifest(out)
+            if progress:
+                print(f"{out} is already prepared with these arguments; nothing to do")
+            return manifest
+    state = RunState(out, digest)
+    entries = {}
+    for name, split in source.splits.items():
+        start = time.perf_counter()
+        records, counts = _convert_split(split, out, state, "dali" in formats, opts, workers, progress)
+        skipped = split.skipped + [s for r in records for s in r["skipped"]]
+        if strict and skipped:
+            raise _strict_failure(name, skipped)
+        beton = _beton(name, out, state, records, opts, workers) if "ffcv" in formats else None
+        shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
+                   "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"]}
+                  for r in records if r["num_samples"]] if "dali" in formats else []
+        entries[name] = {"num_samples": sum(r["num_samples"] for r in records), "beton": beton, "shards": shards,
+                         "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
+                         "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
+        entries[name]["stats"]["skipped"] = len(skipped)
+        if progress:
+            print(_summary(name, entries[name], time.perf_counter() - start), file=sys.stderr)
+    manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
+                "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
+    write_manifest(out, manifest)
+    state.finish()
+    return manifest

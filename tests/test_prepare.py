@@ -1,0 +1,316 @@
+"""data_prep: bad files, both formats read back, resume after a kill, flat validation, verify, Fashion-MNIST."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastcd.cli import main
+from fastcd.data_prep import prepare as prepare_module
+from fastcd.data_prep.labels import read_labels
+from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest
+from fastcd.data_prep.prepare import prepare
+from fastcd.data_prep.verify import verify
+from fastcd.errors import FastcdError
+from tests.prepare_fixtures import BAD_FILES, huge_jpeg, jpeg_bytes, make_tree, random_image, write_bad_files
+
+MAX_SIDE = 96
+SHARD = 7
+OPTIONS = {"max_side": MAX_SIDE, "shard_samples": SHARD, "progress": False}
+
+
+def tar_samples(path: Path) -> list[tuple[str, bytes, int]]:
+    """(key, jpeg bytes, label) of each sample of a shard, read with Python's tarfile."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    assert [n.rsplit(".", 1)[1] for n, _ in members] == ["jpg", "cls"] * (len(members) // 2)
+    return [(j[0][:-4], j[1], int(c[1])) for j, c in zip(members[::2], members[1::2])]
+
+
+def split_samples(out: Path, manifest: dict, split: str) -> list[tuple[str, bytes, int]]:
+    return [s for shard in manifest["splits"][split]["shards"] for s in tar_samples(out / shard["tar"])]
+
+
+def dali_read_all(out: Path, shards: list[dict], n: int):
+    """All n samples of `shards` through DALI's webdataset reader (with our index) and CPU decoder."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(paths=[str(out / s["tar"]) for s in shards], ext=["jpg", "cls"],
+                                         index_paths=[str(out / s["index"]) for s in shards], name="reader")
+        return fn.decoders.image(jpg, device="cpu"), cls
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("reader") == n
+    return p.run()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A random tree with every kind of bad file in its first training class, prepared once (2 workers)."""
+    rng = np.random.default_rng()
+    root = tmp_path_factory.mktemp("prepare")
+    classes = sorted({f"n{rng.integers(10**8):08d}" for _ in range(3)})
+    expected = make_tree(root / "src", rng, classes, per_class=8, max_side=MAX_SIDE)
+    write_bad_files(root / "src" / "train" / classes[0], rng, huge_jpeg())
+    names = sorted(p.name for p in (root / "src" / "train" / classes[0]).iterdir())
+    good_train = [x for x in expected["train"] if not x[0].startswith(f"train/{classes[0]}/")]
+    expected["train"] = [(f"train/{classes[0]}/{n}", 0) for n in names
+                         if BAD_FILES.get(n, ("",))[0] != "skipped"] + good_train
+    manifest = prepare(root / "src", root / "out", workers=2, **OPTIONS)
+    return SimpleNamespace(src=root / "src", out=root / "out", manifest=manifest, classes=classes,
+                           expected=expected, bad_dir=f"train/{classes[0]}")
+
+
+def test_bad_files_repaired_or_skipped(dataset):
+    train = dataset.manifest["splits"]["train"]
+    skipped = {Path(s["path"]).name: s["reason"] for s in train["skipped"]}
+    repaired = {Path(s["path"]).name: s["action"] for s in train["repaired"]}
+    for name, (outcome, text) in BAD_FILES.items():
+        listed = skipped if outcome == "skipped" else repaired
+        assert text in listed.get(name, ""), (name, skipped, repaired)
+    assert set(skipped) | set(repaired) == set(BAD_FILES)
+    assert all(s["path"].startswith(dataset.bad_dir) for s in train["skipped"] + train["repaired"])
+    for split in ("train", "val"):
+        assert dataset.manifest["splits"][split]["num_samples"] == len(dataset.expected[split])
+    assert dataset.manifest["classes"] == dataset.classes
+
+
+def test_shards_hold_the_samples_in_order(dataset):
+    for split in ("train", "val"):
+        samples = split_samples(dataset.out, dataset.manifest, split)
+        assert [k for k, _, _ in samples] == [f"{i:09d}" for i in range(len(dataset.expected[split]))]
+        assert [lab for _, _, lab in samples] == [lab for _, lab in dataset.expected[split]]
+        for (_, data, _), (rel, _) in zip(samples, dataset.expected[split]):
+            img = Image.open(io.BytesIO(data))
+            assert img.format == "JPEG" and img.mode == "RGB" and max(img.size) <= MAX_SIDE
+            assert not img.info.get("progressive")
+            source = (dataset.src / rel).read_bytes()
+            if Path(rel).name not in BAD_FILES and max(Image.open(io.BytesIO(source)).size) <= MAX_SIDE:
+                assert data == source  # passed through byte for byte
+        exif = next(d for (_, d, _), (rel, _) in zip(samples, dataset.expected[split]) if rel.endswith("exif.JPEG")) \
+            if split == "train" else None
+        if exif is not None:
+            assert Image.open(io.BytesIO(exif)).size == (60, 90)  # 90x60 with orientation 6: rotated
+
+
+def test_index_equals_dali_wds2idx(dataset, tmp_path):
+    tool = Path(sys.executable).with_name("wds2idx")
+    shard = dataset.manifest["splits"]["train"]["shards"][0]
+    subprocess.run([str(tool), str(dataset.out / shard["tar"]), str(tmp_path / "ref.idx")],
+                   check=True, capture_output=True)
+    assert (dataset.out / shard["index"]).read_text() == (tmp_path / "ref.idx").read_text()
+
+
+def test_both_formats_read_back(dataset):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    for split in ("train", "val"):
+        entry, labels = dataset.manifest["splits"][split], [lab for _, lab in dataset.expected[split]]
+        n = entry["num_samples"]
+
+        images, cls = dali_read_all(dataset.out, entry["shards"], n)
+        assert [int(bytes(np.array(cls.at(i)))) for i in range(n)] == labels
+        shapes = [Image.open(io.BytesIO(d)).size for _, d, _ in split_samples(dataset.out, dataset.manifest, split)]
+        assert [np.array(images.at(i)).shape for i in range(n)] == [(h, w, 3) for w, h in shapes]
+
+        loader = Loader(str(dataset.out / entry["beton"]), batch_size=n, num_workers=1,
+                        order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0)], "label": [IntDecoder()]})
+        ffcv_images, ffcv_labels = next(iter(loader))
+        assert ffcv_labels.reshape(-1).tolist() == labels and ffcv_images.shape == (n, 16, 16, 3)
+    assert verify(dataset.out) == {s: len(v) for s, v in dataset.expected.items()}
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    """Shards, indexes and manifests byte-identical (but the workers option); betons with the same records."""
+    from ffcv.reader import Reader
+
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files_a:
+        if rel.suffix in (".tar", ".idx"):
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+        elif rel.suffix == ".beton":
+            meta_a, meta_b = Reader(str(a / rel)).metadata, Reader(str(b / rel)).metadata
+            for field in ("mode", "width", "height"):
+                assert np.array_equal(meta_a["f0"][field], meta_b["f0"][field])
+            assert np.array_equal(meta_a["f1"], meta_b["f1"])
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    ma["options"].pop("workers"), mb["options"].pop("workers")
+    assert ma == mb
+
+
+def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastcd.cli", "prepare", str(dataset.src), str(out), "--workers", "1",
+           "--max-side", str(MAX_SIDE), "--shard-samples", str(SHARD), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, second = out / "train" / "shard-000000.tar", out / "train" / "shard-000001.tar"
+    deadline = time.monotonic() + 60
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)  # shard 0 is finished (its record precedes shard 1), the rest is not
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
+    stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
+    with pytest.raises(FastcdError, match="unfinished run"):
+        prepare(dataset.src, out, workers=1, **{**OPTIONS, "max_side": MAX_SIDE + 1})
+    prepare(dataset.src, out, workers=1, **OPTIONS)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp  # the finished shard was not redone
+    _same_outputs(dataset.out, out)
+
+
+def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = []
+    real_write_shard, real_write_beton = prepare_module._write_shard, prepare_module.write_beton
+
+    def shard_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write_shard(*args, **kwargs)
+
+    def beton_then_stop(path, *args, **kwargs):
+        real_write_beton(path, *args, **kwargs)
+        raise KeyboardInterrupt  # the .beton is complete under its temporary name, not yet renamed
+
+    monkeypatch.setattr(prepare_module, "_write_shard", shard_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(dataset.src, out, workers=1, **OPTIONS)
+    monkeypatch.setattr(prepare_module, "_write_shard", real_write_shard)
+    monkeypatch.setattr(prepare_module, "write_beton", beton_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(dataset.src, out, workers=1, **OPTIONS)
+    assert not (out / "manifest.json").exists() and not (out / "train.beton").exists()
+    monkeypatch.setattr(prepare_module, "write_beton", real_write_beton)
+    prepare(dataset.src, out, workers=1, **OPTIONS)
+    _same_outputs(dataset.out, out)
+    assert prepare(dataset.src, out, workers=1, **OPTIONS)["digest"] == dataset.manifest["digest"]
+
+
+def test_ffcv_only_leaves_no_shards(dataset, tmp_path):
+    from ffcv.reader import Reader
+
+    manifest = prepare(dataset.src, tmp_path, formats=["ffcv"], splits=["train"], limit=12, workers=1, **OPTIONS)
+    train = manifest["splits"]["train"]
+    first = sorted(p.name for p in (dataset.src / dataset.bad_dir).iterdir())[:12]
+    kept = [0 for name in first if BAD_FILES.get(name, ("",))[0] != "skipped"]  # all in class 0
+    assert train["shards"] == [] and train["num_samples"] == len(kept) < 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train.beton"]
+    assert Reader(str(tmp_path / "train.beton")).metadata["f1"].tolist() == kept
+    assert verify(tmp_path) == {"train": len(kept)}
+
+
+@pytest.mark.parametrize("layout", ["csv", "loc", "flat_src"])
+def test_flat_validation_with_labels(tmp_path, layout):
+    rng = np.random.default_rng()
+    classes = sorted({f"c{rng.integers(1000):03d}" for _ in range(3)})
+    make_tree(tmp_path / "src", rng, classes, per_class=2, max_side=MAX_SIDE, splits=("train",))
+    flat = tmp_path / "flat" if layout == "flat_src" else tmp_path / "src" / "val"
+    flat.mkdir()
+    names = sorted(f"ILSVRC2012_val_{i:08d}.JPEG" for i in rng.choice(10**6, 6, replace=False))
+    truth = {n: classes[int(rng.integers(len(classes)))] for n in names}
+    for n in names + ["unlabelled.JPEG"]:
+        (flat / n).write_bytes(jpeg_bytes(random_image(rng, 40, 30)))
+    rows = ["ImageId,PredictionString"] + [f"{Path(n).stem},{c} 1 2 30 40 {c} 3 4 5 6" for n, c in truth.items()] \
+        if layout == "loc" else ["file,class"] + [f"{n},{c}" for n, c in truth.items()]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows[:1] + rows[1:][::-1]) + "\n")
+    src = flat if layout == "flat_src" else tmp_path / "src"
+    manifest = prepare(src, tmp_path / "out", labels=labels, formats=["dali"], workers=1, **OPTIONS)
+    val = manifest["splits"]["val"]
+    used_classes = sorted(set(truth.values())) if layout == "flat_src" else classes
+    assert manifest["classes"] == used_classes
+    assert [lab for _, _, lab in split_samples(tmp_path / "out", manifest, "val")] == \
+        [used_classes.index(truth[n]) for n in names]
+    assert [s["path"].rsplit("/", 1)[-1] for s in val["skipped"]] == ["unlabelled.JPEG"]
+
+
+def test_labels_file_layouts(tmp_path):
+    path = tmp_path / "val.txt"
+    path.write_text("ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\n")
+    got = read_labels(path, ["a", "b", "c"])
+    assert got["ILSVRC2012_val_00000001.JPEG"] == "c" and got["ILSVRC2012_val_00000002"] == "a"
+    path.write_text("ILSVRC2012_val_00000001.JPEG\n")
+    with pytest.raises(FastcdError, match="file name, class name"):
+        read_labels(path)
+
+
+def test_strict_fails_naming_unreadable_files(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prepare", str(dataset.src), str(out), "--strict", "--formats", "dali", "--workers", "1",
+                 "--max-side", str(MAX_SIDE), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--strict" in err and "truncated.JPEG" in err and "empty.JPEG" in err
+    assert not (out / "manifest.json").exists()
+
+
+def test_verify_finds_damage(dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(dataset.out, out)
+    assert main(["prepare", "--verify", str(out)]) == 0
+    shard = out / dataset.manifest["splits"]["val"]["shards"][-1]["tar"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["prepare", "--verify", str(out)]) == 2
+    assert "sha256 differs" in capsys.readouterr().err
+    (out / dataset.manifest["splits"]["train"]["shards"][0]["index"]).unlink()
+    with pytest.raises(FastcdError, match="missing"):
+        load_manifest(out)
+
+
+def test_load_manifest_rejects_other_versions(dataset, tmp_path):
+    with pytest.raises(FastcdError, match="fastcd prepare"):
+        load_manifest(tmp_path)
+    manifest = dict(dataset.manifest, format_version=FORMAT_VERSION + 1)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FastcdError, match=f"format_version {FORMAT_VERSION + 1}.*re-run"):
+        load_manifest(tmp_path)
+
+
+def _check_fashion_mnist(out: Path, manifest: dict, split: str) -> None:
+    from fastcd.data.fashion_mnist import FASHION_MNIST_DIR, read_idx
+
+    prefix = {"train": "train", "val": "t10k"}[split]
+    images = read_idx(FASHION_MNIST_DIR / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST_DIR / f"{prefix}-labels-idx1-ubyte.gz")
+    samples = split_samples(out, manifest, split)
+    assert [lab for _, _, lab in samples] == labels.tolist()
+    for i in np.random.default_rng().choice(len(samples), 20, replace=False):
+        decoded = np.asarray(Image.open(io.BytesIO(samples[i][1])).convert("L"), dtype=np.float32)
+        assert np.abs(decoded - images[i]).mean() < 6
+
+
+def test_fashion_mnist_validation_split(tmp_path):
+    manifest = prepare("fashion-mnist", tmp_path, splits=["val"], workers=2, shard_samples=4000, progress=False)
+    assert manifest["splits"]["val"]["num_samples"] == 10000 and len(manifest["classes"]) == 10
+    assert manifest["classes"][0] == "T-shirt/top" and manifest["splits"]["val"]["stats"]["encoded"] == 10000
+    _check_fashion_mnist(tmp_path, manifest, "val")
+
+
+@pytest.mark.slow
+def test_fashion_mnist_end_to_end(tmp_path):
+    assert main(["prepare", "fashion-mnist", str(tmp_path), "--quiet"]) == 0
+    manifest = load_manifest(tmp_path)
+    assert {s: v["num_samples"] for s, v in manifest["splits"].items()} == {"train": 60000, "val": 10000}
+    for split in ("train", "val"):
+        _check_fashion_mnist(tmp_path, manifest, split)
+    assert verify(tmp_path) == {"train": 60000, "val": 10000}
