@@ -1,0 +1,91 @@
+"""The `ffcv` backend: FFCV's `Loader` over the prepared `.beton`, normalised in torch on the device.
+
+Train: RandomResizedCrop decoder + flip, `RANDOM` (or `QUASI_RANDOM`) order seeded by the run,
+`distributed=True` under DDP (ffcv's DistributedSampler: needs torch.distributed initialised).
+Val: centre-crop decoder, sequential, each rank reading its strided share (`epoch_indices`), so the
+ranks cover every sample once. Pixels stay uint8 until the device; FFCV's NormalizeImage is not used
+(a CPU pipeline ending in it did not finish in a probe here).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from torch import Tensor
+
+from fastcd.config import DataConfig
+from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.prepared import open_prepared
+from fastcd.data.resolution import train_res
+from fastcd.data.sharding import epoch_indices
+from fastcd.data.transforms import normalize
+from fastcd.errors import FastcdError
+
+RATIO = (3 / 4, 4 / 3)
+ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
+
+
+class FfcvLoader(BatchLoader):
+    """FFCV decode + augmentation in numba threads; uint8 batches normalised on the device."""
+
+    def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        prepared = open_prepared(cfg.path, split, ctx, "ffcv")
+        self.num_classes = len(prepared.classes)
+        self.train = split == "train"
+        n = prepared.num_samples
+        limit = cfg.train_subset if self.train else cfg.val_subset
+        size = min(limit, n) if limit else n
+        if self.train:
+            self.decoder = RandomResizedCropRGBImageDecoder((cfg.res, cfg.res), scale=(cfg.scale_min, 1.0), ratio=RATIO)
+            augment = [RandomHorizontalFlip()]
+            indices = range(size) if size < n else None
+            order, distributed = ORDERS[cfg.ffcv_order], ctx.world_size > 1
+            if cfg.ffcv_order == "quasi_random" and (cfg.ffcv_os_cache or distributed):
+                raise FastcdError("data.ffcv_order quasi_random needs data.ffcv_os_cache false and a single process "
+                                  "(ffcv has no distributed quasi_random); use ffcv_order random")
+        else:
+            self.decoder = CenterCropRGBImageDecoder((cfg.val_res, cfg.val_res), ratio=cfg.val_resize_ratio)
+            augment = []
+            indices = epoch_indices(size, epoch=0, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world_size,
+                                    train=False).numpy()
+            order, distributed = OrderOption.SEQUENTIAL, False
+        to_device = ToDevice(ctx.device, non_blocking=True)
+        pipelines = {"image": [self.decoder, *augment, ToTensor(), to_device, ToTorchImage(channels_last=True)],
+                     "label": [IntDecoder(), ToTensor(), Squeeze(), to_device]}
+        batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
+        try:
+            self.loader = Loader(str(prepared.beton), batch_size=batch_size, num_workers=max(1, cfg.workers),
+                                 os_cache=cfg.ffcv_os_cache, order=order, distributed=distributed, seed=ctx.seed,
+                                 indices=indices, pipelines=pipelines, drop_last=self.train)
+        except (ValueError, OSError, KeyError, AssertionError) as e:
+            raise FastcdError(f"{prepared.beton} cannot be read by ffcv ({type(e).__name__}: {e}); "
+                              f"re-run `fastcd prepare`") from e
+        if self.loader.reader.num_samples != n:
+            raise FastcdError(f"{prepared.beton} holds {self.loader.reader.num_samples} samples, the manifest {n}; "
+                              f"re-run `fastcd prepare`")
+        self.num_samples = len(self.loader.first_traversal_order)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.next_epoch = epoch
+        if self.train:
+            res = train_res(self.cfg, epoch)
+            self.decoder.output_size = (res, res)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        c = self.cfg
+        for images, labels in self.loader:
+            yield normalize(images, c.mean, c.std, self.ctx.dtype, self.ctx.channels_last), labels
+
+
+@register_loader("ffcv")
+def ffcv_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
+    """FFCV over the prepared `.beton` of `cfg.path`."""
+    return FfcvLoader(cfg, split, ctx)
