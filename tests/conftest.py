@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fastcd.config import Config, config_from_dict
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and two OpenMP threads per process collapse (10x and
+    more) as soon as anything else shares the two cores of the machines this suite targets."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 CD_GKD_EDT = [
     {"loss_name": "CELoss", "loss_type": "ce_family", "loss_rate_decay": "lrdv2"},

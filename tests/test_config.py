@@ -19,10 +19,11 @@ def test_seed_loss_dicts_are_accepted_verbatim():
     seed = [{"loss_name": "CELoss", "loss_rate": 1, "factor": 1, "loss_type": "ce_family", "loss_rate_decay": "lrdv2"},
             {"loss_name": "KDLossv2", "T": 1, "loss_rate": 1, "factor": 1, "loss_type": "kdv2_family",
              "loss_rate_decay": "lrdv2"},
-            {"loss_name": "CDLoss", "loss_rate": 6, "factor": 0.9, "loss_type": "fd_family", "loss_rate_decay": "lrdv2"}]
+            {"loss_name": "CDLoss", "loss_rate": 6, "factor": 0.9, "loss_type": "fd_family",
+             "loss_rate_decay": "lrdv2"}]
     cfg = config_from_dict({"loss_list": seed})
-    assert cfg.to_dict()["loss_list"] == [{**d, "loss_rate": float(d["loss_rate"]), "factor": float(d["factor"])}
-                                          for d in seed]
+    as_floats = [{**d, "loss_rate": float(d["loss_rate"]), "factor": float(d["factor"])} for d in seed]
+    assert cfg.to_dict()["loss_list"] == as_floats
     assert cfg.loss_list[1].params == {"T": 1}
 
 

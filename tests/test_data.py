@@ -100,7 +100,8 @@ def test_idx_reader_and_in_memory_loader(tmp_path):
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_files():
-    images, labels = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte"), read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte")
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte")
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte")
     assert images.shape == (10000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
 
 
@@ -110,7 +111,8 @@ def test_imagefolder_loader_and_errors(tmp_path):
         for c in ("cat", "dog", "eel"):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(5):
-                Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.jpg")
+                pixels = rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.jpg")
     cfg = DataConfig(path=str(tmp_path), batch_size=4, workers=0, res=24, val_res=24)
     ctx = LoaderContext(torch.device("cpu"), num_classes=3)
     x, y = next(iter(build_loader(cfg, "train", ctx)))

@@ -38,7 +38,8 @@ def test_edt_weights_are_logged_per_epoch(tiny_config):
     history = train(tiny_config("train.epochs=10", "train.max_steps_per_epoch=1"))
     ce = [r["weights"][0] for r in history]
     cd = [r["weights"][2] for r in history]
-    assert ce[:3] == [0, 0, 0] and ce[3:] == [1] * 7 and cd[:2] == [6, 6] and cd[2] == pytest.approx(5.4) and cd[-1] == pytest.approx(6 * 0.9**3)
+    assert ce[:3] == [0, 0, 0] and ce[3:] == [1] * 7
+    assert cd[:2] == [6, 6] and cd[2] == pytest.approx(5.4) and cd[-1] == pytest.approx(6 * 0.9**3)
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_config):

@@ -6,14 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from fastcd.config import load_config
-from fastcd.engine.trainer import train
-from fastcd.report import Row, seed_table
+from fastcd.experiments import Experiment, run_experiments, table_rows
+from fastcd.report import seed_table
 from fastcd.utils.atomic import atomic_write_bytes
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fashion-mnist"
-RUNS = [("teacher", "t_resnet34 (teacher, alone)"), ("student", "s_resnet18 (student alone)"),
-        ("cd_gkd_edt", "s_resnet18.t_resnet34.cd.kdv2.lrdv2 (CD+GKD+EDT)")]
+RUNS = [Experiment("teacher", "t_resnet34 (teacher, alone)"), Experiment("student", "s_resnet18 (student alone)"),
+        Experiment("cd_gkd_edt", "s_resnet18.t_resnet34.cd.kdv2.lrdv2 (CD+GKD+EDT)")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +30,8 @@ def run(args: argparse.Namespace) -> int:
         common.append(f"train.epochs={args.epochs}")
     if args.train_subset:
         common.append(f"data.train_subset={args.train_subset}")
-    rows, start = [], time.perf_counter()
-    for name, label in RUNS:
-        overrides = [f"train.out_dir={out / name}", *common]
-        if name != "teacher" and name != "student":
-            overrides.append(f"teacher.weights={out / 'teacher' / 'best.pt'}")
-        cfg = load_config(CONFIGS / f"{name}.yaml", overrides)
-        print(f"== {label}: {cfg.train.epochs} epochs on {cfg.data.train_subset or 'all'} training images")
-        t = time.perf_counter()
-        final = train(cfg)[-1]
-        rows.append(Row(label, [final["val_top1_err"]], [final["val_top5_err"]], [time.perf_counter() - t]))
-    table = seed_table(rows)
+    start = time.perf_counter()
+    table = seed_table(table_rows(run_experiments(CONFIGS, RUNS, out, common)))
     atomic_write_bytes(out / "table.md", (table + "\n").encode())
     minutes = (time.perf_counter() - start) / 60
     print(f"\nFashion-MNIST validation (10 000 images), final epoch; total {minutes:.1f} min\n")

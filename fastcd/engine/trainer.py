@@ -27,6 +27,7 @@ from fastcd.engine.step import DistillStep
 from fastcd.errors import FastcdError
 from fastcd.losses import build_loss
 from fastcd.models import StudentWithConnectors, build_resnet, freeze
+from fastcd.models.fold import fold_batchnorm
 from fastcd.models.resnet import FeatureResNet
 from fastcd.models.teacher import load_teacher
 from fastcd.schedules import adjust_loss_alpha, build_lr_scheduler
@@ -37,6 +38,8 @@ def build_models(cfg: Config, rt: Runtime, with_connectors: bool) -> tuple[Stude
     """The trainable student (+connectors) and the frozen teacher, on the device, in the run's layout."""
     student = build_resnet(cfg.student.arch, cfg.student.num_classes, cfg.student.stem, cfg.student.width)
     teacher = freeze(load_teacher(cfg.teacher), cfg.teacher.bn_mode) if cfg.teacher else None
+    if teacher is not None and cfg.teacher.fold_bn:
+        teacher = fold_batchnorm(teacher)
     conn_channels = teacher.stage_channels if teacher is not None and with_connectors else None
     model = StudentWithConnectors(student, conn_channels)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -55,6 +58,33 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, rt: Runtime) -> torch.o
                                nesterov=o.nesterov, fused=fused or None)
     except RuntimeError as e:
         raise FastcdError(f"optim.fused=true is not supported here ({e}); use null or false") from None
+
+
+def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, Any] | None = None,
+               compile_mode: str | None = None) -> tuple[StudentWithConnectors, DistillStep]:
+    """The plain student (+connectors) and the training step over it: losses, models, optimizer,
+    per-iteration lr schedule and GradScaler, restored from `ckpt` if given, then wrapped
+    (`torch.compile` with `compile_mode`, DDP under torchrun)."""
+    losses = [build_loss(s.loss_name, s.params).to(rt.device) for s in cfg.loss_list]
+    model, teacher = build_models(cfg, rt, any("conn_feats" in loss.inputs for loss in losses))
+    optimizer = build_optimizer(cfg, model, rt)
+    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    if ckpt is not None:
+        model.student.load_state_dict(ckpt["model"])
+        model.connectors.load_state_dict(ckpt["connectors"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    trained: torch.nn.Module = model
+    if compile_mode is not None:
+        trained = torch.compile(model, mode=compile_mode)
+        teacher = torch.compile(teacher, mode=compile_mode) if teacher is not None else None
+    if rt.distributed:
+        partial = any(loss.partial_connectors for loss in losses)
+        trained = DistributedDataParallel(trained, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                                          find_unused_parameters=partial)
+    return model, DistillStep(trained, teacher, losses, optimizer, scheduler, scaler, rt)
 
 
 def loss_weights(cfg: Config, epoch: int) -> list[float]:
@@ -141,38 +171,19 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         raise FastcdError(f"data.batch_size={cfg.data.batch_size} is larger than this rank's "
                           f"{train_loader.num_samples} training samples: no full batch per epoch")
 
-    # Models, losses, optimizer, schedules
-    losses = [build_loss(s.loss_name, s.params).to(rt.device) for s in cfg.loss_list]
-    model, teacher = build_models(cfg, rt, any("conn_feats" in loss.inputs for loss in losses))
-    optimizer = build_optimizer(cfg, model, rt)
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps)
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-
-    # Resume
-    start_epoch, history, best = 0, [], math.inf
+    # Resume state, then models, losses, optimizer, schedules and wrappers
+    ckpt = None
     if resume:
         ckpt = load_checkpoint(latest)
         _check_resumable(ckpt, cfg, latest)
-        model.student.load_state_dict(ckpt["model"])
-        model.connectors.load_state_dict(ckpt["connectors"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+    model, step = build_step(cfg, rt, steps, ckpt, "default" if cfg.train.compile else None)
+    optimizer, scheduler, scaler = step.optimizer, step.scheduler, step.scaler
+    start_epoch, history, best = 0, [], math.inf
+    if ckpt is not None:
         start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best_top1_err"]
         set_rng_state(ckpt["rng"])
         if rt.is_main:
             print(f"resumed from {latest} after epoch {start_epoch}")
-
-    # Wrappers
-    trained: torch.nn.Module = model
-    if cfg.train.compile:
-        trained = torch.compile(model)
-        teacher = torch.compile(teacher) if teacher is not None else None
-    if rt.distributed:
-        partial = any(loss.partial_connectors for loss in losses)
-        trained = DistributedDataParallel(trained, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                          find_unused_parameters=partial)
-    step = DistillStep(trained, teacher, losses, optimizer, scheduler, scaler, rt)
 
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         weights = loss_weights(cfg, epoch)
@@ -207,4 +218,4 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     return history
 
 
-__all__ = ["build_models", "build_optimizer", "loss_weights", "train", "unwrap"]
+__all__ = ["build_models", "build_optimizer", "build_step", "loss_weights", "train", "unwrap"]
