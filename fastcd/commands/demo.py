@@ -17,7 +17,8 @@ RUNS = [Experiment("teacher", "t_resnet34 (teacher, alone)"), Experiment("studen
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for the three runs (default runs/demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the configs')")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every run (default: the configs': teacher 10, students 8)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default: the configs')")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every run")
