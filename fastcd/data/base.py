@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 
 from fastcd.config import DataConfig
+from fastcd.data.resolution import train_res
+from fastcd.data.sharding import epoch_indices
 from fastcd.errors import FastcdError
 
 Split = Literal["train", "val"]
@@ -51,6 +53,35 @@ class BatchLoader(ABC):
     @abstractmethod
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (images, labels) for the current epoch."""
+
+
+class IndexedLoader(BatchLoader):
+    """A backend that reads samples by index: the split's subset, batch size, epoch order (reshuffled,
+    disjoint per rank; `sharding.epoch_indices`), resolution (`resolution.train_res`) and batch count
+    (drop_last for training) are kept here, the same for every such backend."""
+
+    def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext, size: int) -> None:
+        self.cfg, self.split, self.ctx = cfg, split, ctx
+        self.train = split == "train"
+        limit = cfg.train_subset if self.train else cfg.val_subset
+        self.size = min(limit, size) if limit else size
+        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        c = self.ctx
+        self.epoch = epoch
+        self.order = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank, world_size=c.world_size,
+                                   train=self.train)
+        self.num_samples = len(self.order)
+        self.res = train_res(self.cfg, epoch) if self.train else self.cfg.val_res
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full if self.train else full + bool(rest)
+
+    def batch_indices(self) -> list[Tensor]:
+        """The sample indices of each batch of the current epoch."""
+        return [self.order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
 
 
 LoaderFactory = Callable[[DataConfig, Split, LoaderContext], BatchLoader]

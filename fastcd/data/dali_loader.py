@@ -20,10 +20,8 @@ from nvidia.dali import Pipeline, fn, types
 from torch import Tensor
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
 from fastcd.data.prepared import ShardSamples, open_prepared
-from fastcd.data.resolution import train_res
-from fastcd.data.sharding import epoch_indices
 
 RATIO = (3 / 4, 4 / 3)
 
@@ -73,34 +71,19 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
     return pipe
 
 
-class DaliLoader(BatchLoader):
+class DaliLoader(IndexedLoader):
     """Shards decoded and augmented by DALI, in `epoch_indices` order."""
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
         prepared = open_prepared(cfg.path, split, ctx, "dali")
         self.samples = ShardSamples(prepared)
+        super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
-        self.train = split == "train"
-        limit = cfg.train_subset if self.train else cfg.val_subset
-        self.size = min(limit, len(self.samples)) if limit else len(self.samples)
-        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         self.pipe = _build(cfg, ctx, self.samples, self.train, self.batch_size)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        c = self.ctx
-        self.order = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank, world_size=c.world_size,
-                                   train=self.train).numpy()
-        self.num_samples = len(self.order)
-        self.res = train_res(self.cfg, epoch) if self.train else self.cfg.val_res
-
-    def __len__(self) -> int:
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.train else full + bool(rest)
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = [self.order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        batches = self.batch_indices()
         self.pipe.batches, self.pipe.res = iter(batches), self.res
         stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
         try:

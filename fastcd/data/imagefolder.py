@@ -15,9 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
-from fastcd.data.resolution import train_res
-from fastcd.data.sharding import epoch_indices
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
 from fastcd.data.transforms import normalize
 from fastcd.errors import FastcdError
 
@@ -46,20 +44,16 @@ def open_image_folder(root: Path) -> torchvision.datasets.ImageFolder:
         raise FastcdError(f"{str(root)!r} is not an ImageFolder tree (<class>/<image>): {e}") from None
 
 
-class ImageFolderLoader(BatchLoader):
+class ImageFolderLoader(IndexedLoader):
     """ImageFolder + PIL RandomResizedCrop/flip (train) or Resize/CenterCrop (val) in workers."""
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
-        self.cfg, self.split, self.ctx = cfg, split, ctx
         self.dataset = open_image_folder(Path(cfg.path) / split)
+        super().__init__(cfg, split, ctx, len(self.dataset))
         self.num_classes = len(self.dataset.classes)
         if self.num_classes != ctx.num_classes:
             raise FastcdError(f"{cfg.path}/{split} has {self.num_classes} classes but the model has "
                               f"num_classes={ctx.num_classes}")
-        limit = cfg.train_subset if split == "train" else cfg.val_subset
-        self.size = min(limit, len(self.dataset)) if limit else len(self.dataset)
-        self.train = split == "train"
-        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         self.set_epoch(0)
 
     def _transform(self, res: int) -> v2.Compose:
@@ -71,19 +65,13 @@ class ImageFolderLoader(BatchLoader):
         return v2.Compose([v2.PILToTensor(), *ops])
 
     def set_epoch(self, epoch: int) -> None:
-        c = self.ctx
-        self.indices = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank,
-                                     world_size=c.world_size, train=self.train)
-        self.num_samples = len(self.indices)
-        self.dataset.transform = self._transform(train_res(self.cfg, epoch) if self.train else self.cfg.val_res)
-        self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_EpochSampler(self.indices),
+        super().set_epoch(epoch)
+        self.dataset.transform = self._transform(self.res)
+        self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_EpochSampler(self.order),
                                  num_workers=self.cfg.workers, pin_memory=self.ctx.device.type == "cuda",
                                  drop_last=self.train, persistent_workers=False,
                                  worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(
                                      self.ctx.seed * 1_000_003 + epoch))
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:

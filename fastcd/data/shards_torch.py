@@ -17,10 +17,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
 from fastcd.data.prepared import ShardSamples, open_prepared
-from fastcd.data.resolution import train_res
-from fastcd.data.sharding import epoch_indices
 from fastcd.data.transforms import crop_boxes, normalize
 
 RATIO = (3 / 4, 4 / 3)
@@ -68,35 +66,25 @@ def _collate_bytes(items: list[tuple[Tensor, int, int]]) -> tuple[list[Tensor], 
     return list(data), torch.tensor(labels), list(indices)
 
 
-class ShardsTorchLoader(BatchLoader):
+class ShardsTorchLoader(IndexedLoader):
     """Shards -> torchvision decode (workers on CPU, batched on the GPU) -> device batches."""
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
         prepared = open_prepared(cfg.path, split, ctx, "dali")
         self.samples = ShardSamples(prepared)
+        super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
-        self.train = split == "train"
         self.gpu_decode = ctx.device.type == "cuda"
-        limit = cfg.train_subset if self.train else cfg.val_subset
-        self.size = min(limit, len(self.samples)) if limit else len(self.samples)
-        self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         c, cfg = self.ctx, self.cfg
-        indices = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank, world_size=c.world_size,
-                                train=self.train)
-        self.num_samples = len(indices)
-        self.augment = Augment(self.train, train_res(cfg, epoch) if self.train else cfg.val_res, cfg.scale_min,
-                               cfg.val_resize_ratio, c.seed, epoch)
+        self.augment = Augment(self.train, self.res, cfg.scale_min, cfg.val_resize_ratio, c.seed, epoch)
         dataset = _Shards(self.samples, None if self.gpu_decode else self.augment)
-        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=indices.tolist(),
+        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.order.tolist(),
                                  num_workers=cfg.workers, drop_last=self.train, pin_memory=self.gpu_decode,
                                  collate_fn=_collate_bytes if self.gpu_decode else None)
-
-    def __len__(self) -> int:
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         c = self.cfg
