@@ -53,9 +53,10 @@ class FfcvLoader(BatchLoader):
             indices = epoch_indices(size, epoch=0, seed=ctx.seed, rank=ctx.rank, world_size=ctx.world_size,
                                     train=False).numpy()
             order, distributed = OrderOption.SEQUENTIAL, False
-        to_device = ToDevice(ctx.device, non_blocking=True)
-        pipelines = {"image": [self.decoder, *augment, ToTensor(), to_device, ToTorchImage(channels_last=True)],
-                     "label": [IntDecoder(), ToTensor(), Squeeze(), to_device]}
+        # On a CPU the batch is already where it belongs: ToDevice would only add a copy of it.
+        to_device = [ToDevice(ctx.device, non_blocking=True)] if ctx.device.type == "cuda" else []
+        pipelines = {"image": [self.decoder, *augment, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
+                     "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
         batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         try:
             self.loader = Loader(str(prepared.beton), batch_size=batch_size, num_workers=max(1, cfg.workers),
