@@ -7,6 +7,7 @@ turns uint8 or float pixels (0-255) into the model's input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -75,11 +76,19 @@ def center_crop(images: Tensor, res: int, resize_ratio: float) -> Tensor:
     return images[:, :, top:top + res, left:left + res]
 
 
+@functools.cache
+def _scale_tensors(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """255*mean and 255*std as (1, C, 1, 1) device tensors, made once per device (not a copy per batch)."""
+    def shaped(v: tuple[float, ...]) -> Tensor:
+        return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).mul(255).to(device)
+
+    return shaped(mean), shaped(std)
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype,
               channels_last: bool) -> Tensor:
     """(x / 255 - mean) / std for an (N, C, H, W) batch of 0-255 pixels, in `dtype` and memory format."""
-    m = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    m, s = _scale_tensors(tuple(mean), tuple(std), images.device)
     out = (images.float() - m) / s
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return out.to(dtype=dtype, memory_format=fmt)

@@ -26,8 +26,8 @@ class Meter:
     def update(self, terms: Tensor, total: Tensor, logits: Tensor, labels: Tensor, step: int) -> None:
         n = labels.shape[0]
         hits = topk_correct(logits.detach(), labels)
-        row = torch.cat([terms.double() * n, (total * n).double().view(1), hits.double(),
-                         torch.tensor([n], device=terms.device, dtype=torch.float64)])
+        count = torch.full((1,), n, device=terms.device, dtype=torch.float64)  # a fill, not a host->device copy
+        row = torch.cat([terms.double() * n, (total * n).double().view(1), hits.double(), count])
         self.sums += row
         first_bad = (~torch.isfinite(total)) & (self.bad_step < 0)
         self.bad_step = torch.where(first_bad, torch.full_like(self.bad_step, step), self.bad_step)

@@ -131,7 +131,7 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
         out, terms, total = step(images, labels)
         meter.update(terms, total, out.stu_logits, labels, first_step + i)
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
-            _raise_if_nonfinite(meter, cfg, epoch, latest)
+            _raise_if_nonfinite(meter, cfg, epoch, latest)  # intentional syncs: log time only
             bar.set_postfix(loss=f"{meter.read()['total']:.4f}",
                             img_s=f"{meter.sums[-1].item() * rt.world_size / (time.perf_counter() - start):.0f}")
         bar.update()
