@@ -80,6 +80,8 @@ class DataConfig:
     val_subset: int = 0
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    decode: Literal["auto", "workers", "device"] = "auto"  # torch backend: decode in CPU workers or batched on
+    # the training device (nvjpeg on a GPU); auto: device on CUDA, workers elsewhere
     dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100)
     dali_prefetch: int = 2  # batches DALI prepares ahead
     dali_preallocate: int = 0  # expected max image side, to preallocate the mixed decoder (0 = off)

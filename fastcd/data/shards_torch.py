@@ -1,16 +1,25 @@
 """The `torch` backend: the prepared shards read by index, decoded with `torchvision.io.decode_jpeg`.
 
-A `DataLoader` over the samples in `epoch_indices` order. On a CPU device the workers decode and
-crop (uint8 out); on CUDA the workers only read JPEG bytes and the batch is decoded on the GPU in
-one `decode_jpeg` call, then cropped there. Each sample's crop and flip come from a generator seeded
-by (seed, epoch, sample), so they do not depend on the worker count or on where the crop runs.
+A `DataLoader` over the samples in `epoch_indices` order; each sample's crop and flip come from
+`crops.CropPlan` (a pure function of seed, epoch and sample), so they depend neither on the worker
+count nor on where the crop runs. Two places to decode (`data.decode`):
+
+- `workers` (default on a CPU): each DataLoader worker decodes and crops its samples; uint8 batches.
+- `device` (default on CUDA): workers only read the JPEG bytes and the image size from its header;
+  a background thread decodes each batch in one `decode_jpeg(list, device=...)` call (nvjpeg on a
+  GPU), then crops, resizes, flips and normalises it in one launch (`transforms.resized_crops`), on
+  its own CUDA stream, `PREFETCH` batches ahead of the training step.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import contextlib
+import io
+import queue
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -18,83 +27,139 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastcd.config import DataConfig
 from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
+from fastcd.data.crops import CropPlan
 from fastcd.data.prepared import ShardSamples, open_prepared
-from fastcd.data.transforms import crop_boxes, normalize
+from fastcd.data.transforms import normalize, resized_crops
+from fastcd.errors import FastcdError
 
-RATIO = (3 / 4, 4 / 3)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """RandomResizedCrop + flip (train) or resize + centre crop (val) of one decoded uint8 CHW image."""
-
-    train: bool
-    res: int
-    scale_min: float
-    resize_ratio: float
-    seed: int
-    epoch: int
-
-    def __call__(self, image: Tensor, index: int) -> Tensor:
-        if not self.train:
-            image = TF.resize(image, round(self.res / self.resize_ratio), antialias=True)
-            return TF.center_crop(image, [self.res, self.res])
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
-        x0, y0, w, h = crop_boxes(1, image.shape[-2], image.shape[-1], (self.scale_min, 1.0), RATIO, g)[0].tolist()
-        image = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [self.res, self.res], antialias=True)
-        return image.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else image
+PREFETCH = 2  # batches decoded ahead on the device
 
 
 class _Shards(Dataset):
-    """Sample i -> (augmented uint8 image, label), or (JPEG bytes, label) when decoding on the GPU."""
+    """Sample i -> (cropped uint8 image, label), or with `device_decode` (JPEG bytes, label, meta) where
+    meta is (x0, y0, w, h, flip, H, W): the box and flip to apply and the image's size."""
 
-    def __init__(self, samples: ShardSamples, augment: Augment | None) -> None:
-        self.samples, self.augment = samples, augment
+    def __init__(self, samples: ShardSamples, plan: CropPlan, device_decode: bool) -> None:
+        self.samples, self.plan, self.device_decode = samples, plan, device_decode
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
         data = torch.from_numpy(self.samples.jpeg(i).copy())
-        if self.augment is not None:
-            data = self.augment(decode_jpeg(data, mode=ImageReadMode.RGB), i)
-        return data, self.samples.label(i), i
+        label = self.samples.label(i)
+        if self.device_decode:
+            width, height = Image.open(io.BytesIO(data.numpy().tobytes())).size  # the header only
+            return data, label, torch.tensor([*self.plan.box(i, height, width), height, width], dtype=torch.float32)
+        image, res = decode_jpeg(data, mode=ImageReadMode.RGB), self.plan.res
+        if not self.plan.train:
+            image = TF.resize(image, round(res / self.plan.resize_ratio), antialias=True)
+            return TF.center_crop(image, [res, res]), label
+        x0, y0, w, h, flip = self.plan.box(i, image.shape[-2], image.shape[-1])  # whole pixels
+        image = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [res, res], antialias=True)
+        return (image.flip(-1) if flip else image), label
 
 
-def _collate_bytes(items: list[tuple[Tensor, int, int]]) -> tuple[list[Tensor], Tensor, list[int]]:
-    data, labels, indices = zip(*items)
-    return list(data), torch.tensor(labels), list(indices)
+def _collate_bytes(items: list[tuple[Tensor, int, Tensor]]) -> tuple[list[Tensor], Tensor, Tensor]:
+    data, labels, meta = zip(*items)
+    return list(data), torch.tensor(labels), torch.stack(meta)
 
 
 class ShardsTorchLoader(IndexedLoader):
-    """Shards -> torchvision decode (workers on CPU, batched on the GPU) -> device batches."""
+    """Shards -> torchvision decode (in CPU workers, or batched on the device) -> device batches."""
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         prepared = open_prepared(cfg.path, split, ctx, "dali")
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
-        self.gpu_decode = ctx.device.type == "cuda"
+        self.device_decode = cfg.decode == "device" or (cfg.decode == "auto" and ctx.device.type == "cuda")
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         c, cfg = self.ctx, self.cfg
-        self.augment = Augment(self.train, self.res, cfg.scale_min, cfg.val_resize_ratio, c.seed, epoch)
-        dataset = _Shards(self.samples, None if self.gpu_decode else self.augment)
-        self.loader = DataLoader(dataset, batch_size=self.batch_size, sampler=self.order.tolist(),
-                                 num_workers=cfg.workers, drop_last=self.train, pin_memory=self.gpu_decode,
-                                 collate_fn=_collate_bytes if self.gpu_decode else None)
+        plan = CropPlan(self.train, self.res, cfg.scale_min, cfg.val_resize_ratio, c.seed, epoch)
+        pin = c.device.type == "cuda"
+        self.loader = DataLoader(_Shards(self.samples, plan, self.device_decode), batch_size=self.batch_size,
+                                 sampler=self.order.tolist(), num_workers=cfg.workers, drop_last=self.train,
+                                 pin_memory=pin, collate_fn=_collate_bytes if self.device_decode else None)
+
+    def _device_batch(self, data: list[Tensor], labels: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode, crop and normalise one batch on the device (in the prefetch thread)."""
+        dev, cfg = self.ctx.device, self.cfg
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        sizes = meta[:, 5:7].tolist()  # host values of a host tensor: no device sync
+        for image, (h, w), i in zip(images, sizes, range(len(images))):
+            if tuple(image.shape[1:]) != (h, w):
+                raise FastcdError(f"batch sample {i}: the JPEG header says {int(h)}x{int(w)} but it decodes to "
+                                  f"{tuple(image.shape[1:])}; re-run `fastcd prepare`")
+        out = resized_crops(images, meta.to(dev, non_blocking=True), self.res, cfg.mean, cfg.std, self.ctx.dtype,
+                            self.ctx.channels_last)
+        return out, labels.to(dev, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        c = self.cfg
-        for data, labels, indices in self.loader:
-            if self.gpu_decode:
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.ctx.device)
-                data = torch.stack([self.augment(image, i) for image, i in zip(decoded, indices)])
-            images = data.to(self.ctx.device, non_blocking=True)
-            yield (normalize(images, c.mean, c.std, self.ctx.dtype, self.ctx.channels_last),
+        if self.device_decode:
+            yield from _prefetched(self.loader, self._device_batch, self.ctx.device)
+            return
+        for images, labels in self.loader:
+            images = images.to(self.ctx.device, non_blocking=True)
+            yield (normalize(images, self.cfg.mean, self.cfg.std, self.ctx.dtype, self.ctx.channels_last),
                    labels.to(self.ctx.device, non_blocking=True))
+
+
+def _prefetched(loader: DataLoader, make: Callable[..., tuple[Tensor, Tensor]],
+                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """`make(*batch)` for each batch of `loader`, run `PREFETCH` batches ahead in a thread (on its own
+    CUDA stream, which the consumer's stream waits for). Errors are raised in the consumer; stopping
+    early stops the thread."""
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+    stop = threading.Event()
+
+    def put(item: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+                for batch in loader:
+                    out = make(*batch)
+                    event = torch.cuda.Event() if cuda else None
+                    if cuda:
+                        event.record(side)
+                    if not put(("batch", out, event)):
+                        return
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e, None))
+            return
+        put(("end", None, None))
+
+    thread = threading.Thread(target=produce, name="fastcd-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item, event = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            if cuda:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in item:
+                    t.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @register_loader("torch")

@@ -3,7 +3,8 @@
 `random_resized_crop` draws torchvision's RandomResizedCrop boxes (scale, log-uniform ratio, 10 tries,
 then a centre crop) for a whole batch and applies crop + resize + horizontal flip in one
 `grid_sample`; `center_crop` resizes the short side to res/ratio and crops the centre; `normalize`
-turns uint8 or float pixels (0-255) into the model's input.
+turns uint8 or float pixels (0-255) into the model's input. `resized_crops` executes given boxes on a
+batch of decoded images of different sizes: one Triton launch on a GPU, `roi_align` elsewhere.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import roi_align
 
+RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
 def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
                generator: torch.Generator, tries: int = 10) -> Tensor:
@@ -48,7 +51,7 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], rati
 
 
 def random_resized_crop(images: Tensor, res: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True) -> Tensor:
+                        ratio: tuple[float, float] = RATIO, flip: bool = True) -> Tensor:
     """Crop, resize to res x res and flip (p=0.5) each image of a float (N, C, H, W) batch, bilinearly."""
     n, _, height, width = images.shape
     boxes = crop_boxes(n, height, width, scale, ratio, generator)
@@ -59,7 +62,10 @@ def random_resized_crop(images: Tensor, res: int, generator: torch.Generator, sc
     theta[:, 0, 2] = (2 * x0 + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * y0 + h) / height - 1
-    grid = F.affine_grid(theta.to(images.device, images.dtype), [n, images.shape[1], res, res], align_corners=False)
+    if images.is_cuda:  # a pageable host->device copy would wait for the stream: stage it in pinned memory
+        theta = theta.pin_memory()
+    theta = theta.to(images.device, images.dtype, non_blocking=True)
+    grid = F.affine_grid(theta, [n, images.shape[1], res, res], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -92,3 +98,29 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype
     out = (images.float() - m) / s
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return out.to(dtype=dtype, memory_format=fmt)
+
+
+def resized_crops_eager(images: Sequence[Tensor], meta: Tensor, res: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, 3, res, res) crops in 0-255 of (3, H_n, W_n) images: each box of `meta` (x0, y0, w, h, flip,
+    ... per row) resized by `roi_align` (aligned, adaptive sampling grid) and mirrored where flip is set.
+    Images are edge-padded to a common size, so sampling near a border clamps to the image, not the pad."""
+    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    padded = torch.stack([F.pad(im.to(dtype).unsqueeze(0), (0, wmax - im.shape[2], 0, hmax - im.shape[1]),
+                                mode="replicate")[0] for im in images])
+    m = meta.to(dtype)
+    rois = torch.stack([torch.arange(len(images), dtype=dtype, device=m.device), m[:, 0], m[:, 1],
+                        m[:, 0] + m[:, 2], m[:, 1] + m[:, 3]], dim=1)
+    out = roi_align(padded, rois.to(padded.device), (res, res), 1.0, -1, aligned=True)
+    flip = (m[:, 4] > 0.5).to(out.device).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)
+
+
+def resized_crops(images: Sequence[Tensor], meta: Tensor, res: int, mean: Sequence[float], std: Sequence[float],
+                  dtype: torch.dtype, channels_last: bool) -> Tensor:
+    """`resized_crops_eager` + `normalize` for the whole batch: fused in one Triton launch on a GPU."""
+    if images[0].is_cuda:
+        from fastcd.kernels.crop_triton import crop_resize_triton
+
+        out = crop_resize_triton(images, meta, res, mean, std, dtype)
+        return out if channels_last else out.contiguous()
+    return normalize(resized_crops_eager(images, meta, res), mean, std, dtype, channels_last)

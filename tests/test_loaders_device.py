@@ -1,0 +1,87 @@
+"""The torch backend's device decode (`data.decode: device`): one batched decode_jpeg and one crop launch
+per batch, in a prefetch thread; on a CPU the same code runs with CPU tensors. It must execute the same
+crops as the worker path, keep the epoch order, stop cleanly and pass errors on."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastcd.data.shards_torch as shards_torch
+from fastcd.config import DataConfig
+from fastcd.data import LoaderContext, build_loader
+from fastcd.data_prep.prepare import prepare
+from tests.test_loaders import smooth_image
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards only (as on a machine without FFCV), of non-square smooth images of many sizes."""
+    root = tmp_path_factory.mktemp("device-decode")
+    rng = np.random.default_rng()
+    for split, per_class in (("train", 8), ("val", 5)):
+        for c in range(CLASSES):
+            folder = root / "src" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                w, h = (int(v) for v in rng.integers(40, 120, 2))
+                smooth_image(rng, w, h).save(folder / f"{i}.jpg", quality=95)
+    prepare(root / "src", root / "out", formats=["dali"], workers=1, shard_samples=7, progress=False)
+    return root / "out"
+
+
+def batches(path: Path, split: str, decode: str, epoch: int = 1, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cfg = DataConfig(backend="torch", path=str(path), batch_size=8, val_batch_size=4, workers=1, res=32, val_res=32,
+                     decode=decode, **kw)
+    loader = build_loader(cfg, split, LoaderContext(torch.device("cpu"), num_classes=CLASSES, seed=5))
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_device_decode_executes_the_workers_crops(prepared: Path, split: str) -> None:
+    workers, device = batches(prepared, split, "workers"), batches(prepared, split, "device")
+    assert len(workers) == len(device) > 1
+    for (a, ya), (b, yb) in zip(workers, device, strict=True):
+        assert torch.equal(ya, yb)  # the same samples in the same order
+        assert b.shape == a.shape and b.is_contiguous(memory_format=torch.channels_last)
+        levels = (a - b).abs() * 255 * min(DataConfig().std)  # normalised units -> about grey levels
+        # the same box and flip; only the resize filter differs (area average vs antialiased bilinear)
+        assert levels.mean() < (1.0 if split == "train" else 2.0) and levels.max() < 12
+
+
+def test_device_decode_follows_the_epoch_and_dtype(prepared: Path) -> None:
+    one, two = batches(prepared, "train", "device", 1), batches(prepared, "train", "device", 2)
+    assert not torch.equal(torch.cat([y for _, y in one]), torch.cat([y for _, y in two]))
+    cfg = DataConfig(backend="torch", path=str(prepared), batch_size=8, workers=0, res=24, decode="device")
+    loader = build_loader(cfg, "train", LoaderContext(torch.device("cpu"), torch.bfloat16, num_classes=CLASSES))
+    x, _ = next(iter(loader))
+    assert x.dtype == torch.bfloat16 and x.shape[-2:] == (24, 24)
+
+
+def _decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "fastcd-decode"]
+
+
+def test_stopping_early_stops_the_prefetch_thread(prepared: Path) -> None:
+    cfg = DataConfig(backend="torch", path=str(prepared), batch_size=4, workers=0, res=16, decode="device")
+    loader = build_loader(cfg, "train", LoaderContext(torch.device("cpu"), num_classes=CLASSES))
+    it = iter(loader)
+    next(it)
+    it.close()
+    assert not _decode_threads()
+
+
+def test_a_decode_error_reaches_the_training_loop(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvjpeg says no")
+
+    monkeypatch.setattr(shards_torch, "decode_jpeg", broken)
+    with pytest.raises(RuntimeError, match="nvjpeg says no"):
+        batches(prepared, "train", "device")
+    assert not _decode_threads()
