@@ -1,6 +1,7 @@
 """Core data pieces: batched crops, sharding, resolution schedule, idx files, in-memory and ImageFolder loaders."""
 import gzip
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,3 +128,25 @@ def test_imagefolder_loader_and_errors(tmp_path):
     with pytest.raises(FastcdError, match="does not exist"):
         build_loader(DataConfig(path=str(tmp_path / "missing")), "train", ctx)
     assert math.isfinite(float(x.float().mean()))
+
+
+def test_single_sample_and_undersized_batches(tmp_path):
+    """A last val batch of one sample and a split smaller than a batch (synthetic/in-memory and imagefolder):
+    labels stay 1-D, `len` matches what is yielded; a train split smaller than a batch yields nothing."""
+    for c in ("cat", "dog"):
+        for split in ("train", "val"):
+            (tmp_path / split / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(tmp_path / "val" / c / f"{i}.jpg")
+        Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "train" / c / "0.jpg")
+    ctx = LoaderContext(torch.device("cpu"), num_classes=2)
+    cases = [(DataConfig(backend="synthetic", batch_size=4, res=16, val_res=16, val_subset=9), [4, 4, 1]),
+             (DataConfig(backend="synthetic", batch_size=4, res=16, val_res=16, val_subset=1), [1]),
+             (DataConfig(path=str(tmp_path), batch_size=4, val_batch_size=7, workers=0, res=16, val_res=16), [7, 1])]
+    for cfg, sizes in cases:
+        loader = build_loader(cfg, "val", ctx)
+        batches = list(loader)
+        assert [y.shape for _, y in batches] == [(n,) for n in sizes] and len(loader) == len(sizes), cfg.backend
+        assert [x.shape for x, _ in batches] == [(n, 3, 16, 16) for n in sizes]
+        train = build_loader(replace(cfg, train_subset=3 if cfg.backend == "synthetic" else 0), "train", ctx)
+        assert len(train) == 0 and list(train) == []

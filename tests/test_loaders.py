@@ -240,3 +240,18 @@ def test_short_training_run(data: dict, tmp_path: Path, backend: str) -> None:
            "train": {"epochs": 2, "device": "cpu", "amp": "fp32", "out_dir": str(tmp_path), "progress": False}}
     history = train(config_from_dict(raw))
     assert len(history) == 2 and all(np.isfinite(r["loss"]) for r in history)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_small_and_single_sample_batches(data: dict, backend: str) -> None:
+    """A last val batch of one sample, a val split smaller than a batch and a train split smaller than a
+    batch: labels stay 1-D (one per image), batch sizes and `len` agree with what is yielded."""
+    expected = data["labels"]["val"]
+    for val_batch, subset, sizes in [(7, 0, [7, 7, 1]), (4, 3, [3]), (4, 1, [1])]:
+        loader = build_loader(config(data, backend, val_batch_size=val_batch, val_subset=subset), "val", context())
+        batches = list(loader)
+        assert [y.shape for _, y in batches] == [(n,) for n in sizes], (val_batch, subset)
+        assert [x.shape for x, _ in batches] == [(n, 3, 32, 32) for n in sizes] and len(loader) == len(sizes)
+        assert torch.cat([y for _, y in batches]).tolist() == expected[:sum(sizes)]
+    train = build_loader(config(data, backend, train_subset=5), "train", context())
+    assert len(train) == 0 and epoch(train, 0)[0] == []

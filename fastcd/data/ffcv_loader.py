@@ -55,8 +55,9 @@ class FfcvLoader(BatchLoader):
             order, distributed = OrderOption.SEQUENTIAL, False
         # On a CPU the batch is already where it belongs: ToDevice would only add a copy of it.
         to_device = [ToDevice(ctx.device, non_blocking=True)] if ctx.device.type == "cuda" else []
+        # Squeeze(1), not Squeeze(): the (B, 1) labels stay 1-D when a batch holds one sample.
         pipelines = {"image": [self.decoder, *augment, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
-                     "label": [IntDecoder(), ToTensor(), Squeeze(), *to_device]}
+                     "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device]}
         batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
         try:
             self.loader = Loader(str(prepared.beton), batch_size=batch_size, num_workers=max(1, cfg.workers),
