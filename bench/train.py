@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fastcd.bench.results import RESULTS_DIR, peak_memory, record
-from fastcd.config import Config, load_config
+from fastcd.config import Config, add_set_argument, load_config
 from fastcd.data import BatchLoader, LoaderContext, build_loader
 from fastcd.engine.runtime import seed_everything, setup_runtime
 from fastcd.engine.step import DistillStep
@@ -278,8 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", default="", help="prepared OUT folder for --data loader (default: "
                         "generate --images JPEGs and prepare them, cached under the temp folder)")
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate for --data loader")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (after the CPU size defaults)")
+    add_set_argument(parser, "config override (after the CPU size defaults)")
     parser.add_argument("--ablation", action="store_true", help="the original, then one knob at a time")
     parser.add_argument("--skip", default="", help="comma list of ablation knobs to skip, e.g. torch.compile")
     parser.add_argument("--out", default="", help=f"results folder (default {RESULTS_DIR})")

@@ -1,12 +1,14 @@
 """Typed experiment configuration: dataclasses loaded from one YAML file per experiment.
 
-Validated on load (unknown keys name the nearest valid one; choices are checked), overridable with
-`--set key=value` (dotted paths, list indices: `loss_list.1.loss_rate=3`), and stored inside every
-checkpoint as plain values (`to_dict`).
+Validated on load (unknown keys name the nearest valid one; choices and numeric ranges are checked),
+overridable with `--set key=value` (dotted paths, list indices: `loss_list.1.loss_rate=3`), and stored
+inside every checkpoint as plain values (`to_dict`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,11 +18,53 @@ from typing import Any, Literal
 import yaml
 
 from fastcd.errors import FastcdError
-from fastcd.losses.registry import loss_params, nearest
+from fastcd.losses.registry import loss_class, loss_params, nearest
+from fastcd.schedules.loss_rate import BASE_EPOCHS
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet152"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric field (or of each item of a list field), checked on load."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+
+
+def _ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, factory: bool = False) -> Any:
+    """A dataclass field whose value must lie in the given interval (see `Range`)."""
+    meta = {"range": Range(low, high, low_open, high_open)}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(default: Any, **kw: Any) -> Any:
+    return _ranged(default, 0, low_open=True, **kw)
+
+
+def _at_least(low: float, default: Any, **kw: Any) -> Any:
+    return _ranged(default, low, **kw)
+
+
+def _fraction(default: float, **kw: Any) -> Any:
+    return _ranged(default, 0, 1, **kw)
 
 
 @dataclass
@@ -29,8 +73,8 @@ class ModelConfig:
 
     arch: Arch = "resnet18"
     stem: Literal["imagenet", "cifar"] = "imagenet"
-    width: float = 1.0
-    num_classes: int = 1000
+    width: float = _positive(1.0)
+    num_classes: int = _at_least(1, 1000)
 
 
 @dataclass
@@ -48,14 +92,31 @@ LossType = Literal["ce_family", "kd_family", "kdv2_family", "fd_family"]
 
 @dataclass
 class LossSpec:
-    """One entry of `loss_list`, as in the seed; extra keys (`T`, ...) are the loss's parameters."""
+    """One entry of `loss_list`, as in the seed; extra keys (`T`, ...) are the loss's parameters.
+
+    `loss_type` defaults to the loss's own family (`DistillLoss.family`: CE ce_family, KD kd_family,
+    GKD kdv2_family, CD/AT/FitNets/RKD fd_family); a family that contradicts the loss is an error.
+    """
 
     loss_name: str
-    loss_rate: float = 1.0
-    factor: float = 1.0
-    loss_type: LossType = "ce_family"
+    loss_rate: float = _at_least(0, 1.0)
+    factor: float = _at_least(0, 1.0)
+    loss_type: LossType | None = None
     loss_rate_decay: Literal["lrdv1", "lrdv2"] = "lrdv1"
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loss_type = resolve_loss_type(self.loss_name, self.loss_type)
+
+
+def resolve_loss_type(loss_name: str, loss_type: str | None, where: str = "") -> str:
+    """`loss_type` of a loss_list entry: the loss's family when not given; a contradicting family is an error."""
+    family = loss_class(loss_name).family
+    if loss_type not in (None, family):
+        raise FastcdError(f"{where + ': ' if where else ''}{loss_name} is a {family} loss, loss_type {loss_type} "
+                          f"contradicts it (the loss-rate decay would treat it as another family); "
+                          f"drop loss_type or set {family}")
+    return family
 
 
 @dataclass
@@ -64,54 +125,59 @@ class DataConfig:
 
     backend: Literal["imagefolder", "fashion-mnist", "synthetic", "torch", "ffcv", "dali"] = "imagefolder"
     path: str = ""
-    batch_size: int = 256
-    val_batch_size: int = 0
-    workers: int = 8
-    res: int = 224
-    val_res: int = 224
-    val_resize_ratio: float = 0.875
-    scale_min: float = 0.08
-    min_res: int = 0
-    max_res: int = 0
-    start_ramp: int = 0
-    end_ramp: int = 0
+    batch_size: int = _at_least(1, 256)
+    val_batch_size: int = _at_least(0, 0)
+    workers: int = _at_least(0, 8)
+    res: int = _at_least(1, 224)
+    val_res: int = _at_least(1, 224)
+    val_resize_ratio: float = _fraction(0.875, low_open=True)
+    scale_min: float = _fraction(0.08, low_open=True)
+    min_res: int = _at_least(0, 0)
+    max_res: int = _at_least(0, 0)
+    start_ramp: int = _at_least(0, 0)
+    end_ramp: int = _at_least(0, 0)
     flip_tta: bool = False
-    train_subset: int = 0
-    val_subset: int = 0
+    train_subset: int = _at_least(0, 0)
+    val_subset: int = _at_least(0, 0)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: list[float] = _positive(lambda: list(IMAGENET_STD), factory=True)
     decode: Literal["auto", "workers", "device"] = "auto"  # torch backend: decode in CPU workers or batched on
     # the training device (nvjpeg on a GPU); auto: device on CUDA, workers elsewhere
-    dali_hw_decoder_load: float = 0.65  # share of JPEGs sent to the GPU's hardware decoder (A100/H100)
-    dali_prefetch: int = 2  # batches DALI prepares ahead
-    dali_preallocate: int = 0  # expected max image side, to preallocate the mixed decoder (0 = off)
+    dali_hw_decoder_load: float = _fraction(0.65)  # share of JPEGs sent to the GPU's hardware decoder (A100/H100)
+    dali_prefetch: int = _at_least(1, 2)  # batches DALI prepares ahead
+    dali_preallocate: int = _at_least(0, 0)  # expected max image side, to preallocate the mixed decoder (0 = off)
     ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: with ffcv_os_cache false
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (shared by processes)
 
 
 @dataclass
 class OptimConfig:
-    """SGD and its per-iteration learning-rate schedule (lr for the given batch size)."""
+    """SGD and its per-iteration learning-rate schedule (lr for the given batch size).
 
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    `milestones` and `step_size` count epochs of the preset's original run (`train.dataset_type`:
+    100 for imagenet, 200 for cifar) and scale with `train.epochs`, like the loss-decay milestones;
+    `warmup_epochs` and `peak_epoch` are epochs of this run.
+    """
+
+    lr: float = _positive(0.1)
+    momentum: float = _fraction(0.9, high_open=True)
+    weight_decay: float = _at_least(0, 1e-4)
     nesterov: bool = False
     fused: bool | None = None  # null: the fused kernel on GPU, foreach elsewhere
     schedule: Literal["multistep", "step", "cosine", "linear"] = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [30, 60, 90])
-    gamma: float = 0.1
-    step_size: int = 30
-    warmup_epochs: float = 0.0
-    peak_epoch: float = 2.0
-    end_lr_ratio: float = 0.0
+    milestones: list[int] = _at_least(0, lambda: [30, 60, 90], factory=True)
+    gamma: float = _positive(0.1)
+    step_size: int = _at_least(1, 30)
+    warmup_epochs: float = _at_least(0, 0.0)
+    peak_epoch: float = _at_least(0, 2.0)
+    end_lr_ratio: float = _fraction(0.0)
 
 
 @dataclass
 class TrainConfig:
     """The run: epochs, the loss-decay preset (`dataset_type`), precision, layout, seed, outputs."""
 
-    epochs: int = 100
+    epochs: int = _at_least(1, 100)
     dataset_type: Literal["imagenet", "cifar"] = "imagenet"
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
@@ -119,8 +185,8 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     out_dir: str = ""
-    log_every: int = 50
-    max_steps_per_epoch: int = 0
+    log_every: int = _at_least(1, 50)
+    max_steps_per_epoch: int = _at_least(0, 0)
     progress: bool = True
 
 
@@ -193,9 +259,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise FastcdError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise FastcdError(f"{where}: expected a number, got {value!r}")
+        raise FastcdError(f"{where}: expected a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -226,6 +292,7 @@ def _loss_spec(raw: dict[str, Any], where: str) -> LossSpec:
     hints = typing.get_type_hints(LossSpec)
     core = {f.name for f in dataclasses.fields(LossSpec)} - {"params"}
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items() if k in core}
+    kwargs["loss_type"] = resolve_loss_type(kwargs["loss_name"], kwargs.get("loss_type"), where)
     params = {k: v for k, v in raw.items() if k not in core}
     allowed = loss_params(kwargs["loss_name"])
     for key in params:
@@ -236,8 +303,13 @@ def _loss_spec(raw: dict[str, Any], where: str) -> LossSpec:
     return LossSpec(**kwargs, params=params)
 
 
+class NullSectionError(FastcdError):
+    """`--set a.b=...` where `a` is null: setting a field must not bring a whole section into being."""
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` in nested dicts/lists, creating missing (or null) mappings on the way."""
+    """Set `a.b.0.c` in nested dicts/lists; a field inside a null section (`teacher: null`) is an error
+    naming the section (set the whole section instead: `teacher={arch: resnet34, ...}`)."""
     keys = dotted.split(".")
     node: Any = tree
     for i, key in enumerate(keys):
@@ -250,9 +322,12 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         elif last:
             node[key] = value
         else:
-            if node.get(key) is None:
-                node[key] = {}
-            node = node[key]
+            if key in node and node[key] is None:
+                section = ".".join(keys[: i + 1])
+                raise NullSectionError(f"--set {dotted}: {section} is null in this config, so it has no field "
+                                       f"{keys[i + 1]!r}; set the whole section instead, e.g. "
+                                       f"--set '{section}={{{keys[i + 1]}: ...}}'")
+            node = node.setdefault(key, {})
 
 
 def _index(key: str, node: list, keys: list[str]) -> int:
@@ -270,6 +345,29 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, text = pair.split("=", 1)
         out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
     return out
+
+
+def add_set_argument(parser: argparse.ArgumentParser, help: str = "override a config field") -> None:
+    """The `--set KEY=VALUE ...` option of every command: several pairs after one `--set`, and `--set` repeated."""
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"{help}; several pairs may follow one --set, e.g. --set train.epochs=16 "
+                             "loss_list.1.T=4 (optim.milestones, optim.step_size and the loss-decay milestones "
+                             "count epochs of the preset's 100 (imagenet) or 200 (cifar) and scale with "
+                             "train.epochs)")
+
+
+def drop_overrides_into_null(path: str | Path, overrides: list[str]) -> list[str]:
+    """`overrides` less those that set a field inside a section that is null in the config at `path` (after
+    the overrides before them): for one list of overrides shared by configs with and without a teacher."""
+    raw = _deep_merge(Config().to_dict(), _read_yaml(Path(path)))
+    kept = []
+    for override, (key, value) in zip(overrides, parse_overrides(overrides), strict=True):
+        try:
+            _set_path(raw, key, value)
+        except NullSectionError:
+            continue
+        kept.append(override)
+    return kept
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
@@ -313,24 +411,45 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(_read_yaml(Path(path)), overrides)
 
 
+def _check_ranges(obj: Any, where: str) -> None:
+    """Every field with a `Range` (and every nested dataclass, list item by item) lies in its interval."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            _check_ranges(item, f"{where}[{i}]")
+        return
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        rng = f.metadata.get("range")
+        if rng is not None:
+            for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                if not rng.holds(v):
+                    raise FastcdError(f"{path if i is None else f'{path}[{i}]'} must be {rng}, got {v!r}")
+        elif dataclasses.is_dataclass(value) or (isinstance(value, list) and value
+                                                  and dataclasses.is_dataclass(value[0])):
+            _check_ranges(value, path)
+
+
 def validate(cfg: Config) -> None:
-    """Checks across fields that the types alone cannot express."""
+    """Numeric ranges, and checks across fields that the types alone cannot express."""
+    _check_ranges(cfg, "")
     if not cfg.loss_list:
         raise FastcdError("loss_list is empty: give at least one loss, e.g. {loss_name: CELoss}")
     if cfg.teacher is not None and cfg.teacher.num_classes != cfg.student.num_classes:
         raise FastcdError(f"teacher.num_classes={cfg.teacher.num_classes} differs from "
                           f"student.num_classes={cfg.student.num_classes}")
-    for name in ("width",):
-        if getattr(cfg.student, name) <= 0 or (cfg.teacher and getattr(cfg.teacher, name) <= 0):
-            raise FastcdError(f"{name} must be positive")
     if cfg.teacher is not None and cfg.teacher.fold_bn and cfg.teacher.bn_mode != "eval":
         raise FastcdError("teacher.fold_bn=true needs teacher.bn_mode=eval (batch statistics cannot fold)")
-    if cfg.train.epochs < 1:
-        raise FastcdError(f"train.epochs must be at least 1, got {cfg.train.epochs}")
-    if cfg.data.batch_size < 1:
-        raise FastcdError(f"data.batch_size must be at least 1, got {cfg.data.batch_size}")
-    from fastcd.losses.registry import loss_class
-
+    for name in ("mean", "std"):
+        if len(getattr(cfg.data, name)) != 3:
+            raise FastcdError(f"data.{name} needs 3 values (R, G, B), got {getattr(cfg.data, name)}")
+    if bool(cfg.data.min_res) != bool(cfg.data.max_res):
+        raise FastcdError("data.min_res and data.max_res go together (progressive resizing): set both or neither")
+    base = BASE_EPOCHS[cfg.train.dataset_type]
+    for name, values in (("milestones", cfg.optim.milestones), ("step_size", [cfg.optim.step_size])):
+        for v in values:
+            if v > base:
+                raise FastcdError(f"optim.{name}: {v} is past the {cfg.train.dataset_type} preset's {base} epochs "
+                                  f"(it counts epochs of a {base}-epoch run and scales to train.epochs)")
     for i, spec in enumerate(cfg.loss_list):
         needs = set(loss_class(spec.loss_name).inputs)
         if cfg.teacher is None and needs & {"tea_logits", "tea_feats", "conn_feats", "tea_embed"}:

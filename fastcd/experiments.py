@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastcd.config import Config, load_config
+from fastcd.config import Config, drop_overrides_into_null, load_config
 from fastcd.engine.trainer import train
 from fastcd.report import Row
 
@@ -41,14 +41,12 @@ class Result:
 def experiment_config(folder: Path, exp: Experiment, run_dir: Path, overrides: Sequence[str],
                       seed: int | None) -> Config:
     """The config of `exp` writing to `run_dir/<key>`; a row with a teacher reads `run_dir/teacher/best.pt`.
-    `teacher.*` overrides apply only to rows that have a teacher (on the others they would create one)."""
-    extra = [f"train.out_dir={run_dir / exp.key}", *overrides, *exp.overrides]
-    if seed is not None:
-        extra.append(f"train.seed={seed}")
-    cfg = load_config(folder / f"{exp.key}.yaml", [o for o in extra if not o.startswith("teacher.")])
-    if cfg.teacher is None:
-        return cfg
-    return load_config(folder / f"{exp.key}.yaml", [*extra, f"teacher.weights={run_dir / TEACHER / 'best.pt'}"])
+    The overrides are shared by every row: `teacher.*` ones apply only to rows that have a teacher."""
+    path = folder / f"{exp.key}.yaml"
+    extra = [f"train.out_dir={run_dir / exp.key}", *overrides, *exp.overrides,
+             *([f"train.seed={seed}"] if seed is not None else []),
+             f"teacher.weights={run_dir / TEACHER / 'best.pt'}"]
+    return load_config(path, drop_overrides_into_null(path, extra))
 
 
 def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, overrides: Sequence[str],

@@ -84,7 +84,7 @@ FLAGS = [
     ["teacher.bn_mode=train"],
     ["data.flip_tta=true", "data.val_batch_size=7"],
     ["optim.schedule=linear", "optim.peak_epoch=1"],
-    ["optim.schedule=multistep", "optim.milestones=[1]", "optim.warmup_epochs=0.5"],
+    ["optim.schedule=multistep", "optim.milestones=[50]", "optim.warmup_epochs=0.5"],
     ["optim.schedule=step", "optim.step_size=1"],
     ["data.min_res=16", "data.max_res=32", "data.start_ramp=0", "data.end_ramp=1", "data.res=32"],
     ["teacher=null", "loss_list=[{loss_name: CELoss, label_smoothing: 0.1}]"],

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from fastcd.config import add_set_argument
 from fastcd.experiments import Experiment, run_experiments, table_rows
 from fastcd.report import seed_table
 from fastcd.utils.atomic import atomic_write_bytes
@@ -20,8 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every run (default: the configs': teacher 10, students 8)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default: the configs')")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every run")
+    add_set_argument(parser, "override applied to every run")
 
 
 def run(args: argparse.Namespace) -> int:

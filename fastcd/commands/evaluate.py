@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from fastcd.config import load_config
+from fastcd.config import add_set_argument, load_config
 from fastcd.data import LoaderContext, build_loader
 from fastcd.engine.checkpoint import load_checkpoint
 from fastcd.engine.evaluate import evaluate
@@ -17,7 +17,7 @@ from fastcd.models import build_resnet
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML (its data section says what to evaluate on)")
     parser.add_argument("--checkpoint", required=True, help="a fastcd checkpoint (latest.pt or best.pt)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from fastcd.bench.results import RESULTS_DIR
+from fastcd.config import add_set_argument
 from fastcd.errors import FastcdError
 from fastcd.experiments import Experiment, Result, experiment_config, run_experiments, table_rows
 from fastcd.report import Row, seed_table
@@ -53,8 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-subset", type=int, default=VAL_SUBSET, help="test images evaluated each epoch")
     parser.add_argument("--out", default="runs/repro-fashion-mnist", help="folder for the runs")
     parser.add_argument("--report-dir", default=str(RESULTS_DIR), help="where the report goes")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override applied to every run")
+    add_set_argument(parser, "override applied to every run")
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[str]]:

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from fastcd.config import load_config
+from fastcd.config import add_set_argument, load_config
 from fastcd.engine.trainer import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/fashion-mnist/cd_gkd_edt.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.epochs=16 --set loss_list.1.T=4")
+    add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")

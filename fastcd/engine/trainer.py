@@ -68,7 +68,7 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
     losses = [build_loss(s.loss_name, s.params).to(rt.device) for s in cfg.loss_list]
     model, teacher = build_models(cfg, rt, any("conn_feats" in loss.inputs for loss in losses))
     optimizer = build_optimizer(cfg, model, rt)
-    scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch)
+    scheduler = build_lr_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     if ckpt is not None:
         model.student.load_state_dict(ckpt["model"])

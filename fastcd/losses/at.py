@@ -36,6 +36,7 @@ class ATLoss(DistillLoss):
     """
 
     inputs = ("stu_feats", "tea_feats")
+    family = "fd_family"
 
     def forward(self, stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
         return at_eager(stu_features, tea_features)

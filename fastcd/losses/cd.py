@@ -28,6 +28,7 @@ class CDLoss(DistillLoss):
     """
 
     inputs = ("conn_feats", "tea_feats")
+    family = "fd_family"
 
     def __init__(self, impl: str = "auto") -> None:
         super().__init__()

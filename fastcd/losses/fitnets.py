@@ -21,6 +21,7 @@ class FitNetLoss(DistillLoss):
     """
 
     inputs = ("conn_feats", "tea_feats")
+    family = "fd_family"
     partial_connectors = True
 
     def __init__(self, stage: int = 3) -> None:

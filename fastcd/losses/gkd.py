@@ -25,6 +25,7 @@ class KDLossv2(DistillLoss):
     """
 
     inputs = ("stu_logits", "tea_logits", "labels")
+    family = "kdv2_family"
 
     def __init__(self, T: float = 1.0, impl: str = "auto") -> None:
         super().__init__()

@@ -19,6 +19,7 @@ class KDLoss(DistillLoss):
     """`KDLoss(T)(stu_pred, tea_pred)`: averaged over the batch."""
 
     inputs = ("stu_logits", "tea_logits")
+    family = "kd_family"
 
     def __init__(self, T: float = 1.0) -> None:
         super().__init__()

@@ -21,10 +21,16 @@ INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "
                "stu_embed", "tea_embed")
 
 
+# The seed's loss types; the loss-rate decay (EDT) silences a family whose name holds `ce` or `kd` early on.
+FAMILIES = ("ce_family", "kd_family", "kdv2_family", "fd_family")
+
+
 class DistillLoss(nn.Module):
-    """Base class: declares the inputs (see INPUT_NAMES) the loss is called with."""
+    """Base class: declares the inputs (see INPUT_NAMES) the loss is called with, and its family (FAMILIES),
+    the default `loss_type` of its config entries."""
 
     inputs: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""  # every loss names its own
     # True for a loss that reads `conn_feats` of only some stages (DDP must then allow unused parameters).
     partial_connectors: ClassVar[bool] = False
 
@@ -42,6 +48,8 @@ def register(name: str) -> Callable[[L], L]:
         unknown = set(cls.inputs) - set(INPUT_NAMES)
         if unknown:
             raise ValueError(f"loss {name!r} asks for unknown inputs {sorted(unknown)}")
+        if cls.family not in FAMILIES:
+            raise ValueError(f"loss {name!r} has family {cls.family!r}, not one of {FAMILIES}")
         LOSSES[name] = cls
         return cls
 

@@ -44,6 +44,7 @@ class RKDLoss(DistillLoss):
     """
 
     inputs = ("stu_embed", "tea_embed")
+    family = "fd_family"
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
