@@ -20,30 +20,11 @@ import yaml
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class, loss_params, nearest
 from fastcd.schedules.loss_rate import BASE_EPOCHS
+from fastcd.utils.ranges import Range, check_range
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet152"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The valid interval of a numeric field (or of each item of a list field), checked on load."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def holds(self, v: float) -> bool:
-        above = self.low is None or (v > self.low if self.low_open else v >= self.low)
-        below = self.high is None or (v < self.high if self.high_open else v <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
 
 
 def _ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -422,8 +403,7 @@ def _check_ranges(obj: Any, where: str) -> None:
         rng = f.metadata.get("range")
         if rng is not None:
             for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
-                if not rng.holds(v):
-                    raise FastcdError(f"{path if i is None else f'{path}[{i}]'} must be {rng}, got {v!r}")
+                check_range(v, rng, path if i is None else f"{path}[{i}]")
         elif dataclasses.is_dataclass(value) or (isinstance(value, list) and value
                                                   and dataclasses.is_dataclass(value[0])):
             _check_ranges(value, path)

@@ -65,3 +65,45 @@ def test_registry_resolves_seed_names_and_rejects_unknown():
         build_loss("CDloss", {})
     with pytest.raises(Exception, match="no parameter 'temperature'"):
         build_loss("KDLoss", {"temperature": 3})
+
+
+def _float64_cases():
+    from fastcd.losses import ATLoss, FitNetLoss, RKDLoss
+    from fastcd.losses.reference import at_reference, fitnet_reference, rkd_reference
+
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 10, dtype=torch.float64) * 3, torch.randn(6, 10, dtype=torch.float64) * 3
+    y = torch.where(torch.rand(6) < 0.5, t.argmax(1), torch.randint(0, 10, (6,)))
+    fs = [torch.randn(3, c, h, h, dtype=torch.float64).relu() + 0.01 for c, h in ((4, 5), (6, 3))]
+    ft = [torch.randn(3, c, h, h, dtype=torch.float64).relu() + 0.01 for c, h in ((4, 5), (6, 3))]
+    es, et = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64)
+    return {
+        "CE": (CELoss(0.1)(s, y), ce_reference(s, y, 0.1)),
+        "KD": (KDLoss(2.0)(s, t), kd_reference(s, t, 2.0)),
+        "GKD": (KDLossv2(2.0)(s, t, y), gkd_reference(s, t, y, 2.0)),
+        "CD": (CDLoss()(fs, ft), cd_reference(fs, ft)),
+        "AT": (ATLoss()(fs, ft), at_reference(fs, ft)),
+        "FitNets": (FitNetLoss(stage=2)(fs, ft), fitnet_reference(fs, ft, 2)),
+        "RKD": (RKDLoss()(es, et), rkd_reference(es, et)),
+    }
+
+
+def test_float64_inputs_are_computed_in_float64():
+    """Losses promote to at least fp32 and never demote: float64 in, float64 out, to the reference's precision."""
+    for name, (ours, ref) in _float64_cases().items():
+        assert ours.dtype == torch.float64, name
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name,params,message", [
+    ("KDLoss", {"T": 0}, "KDLoss: T must be > 0"),
+    ("KDLossv2", {"T": -1}, "KDLossv2: T must be > 0"),
+    ("CELoss", {"label_smoothing": 1.5}, "CELoss: label_smoothing must be in [0, 1]"),
+    ("RKDLoss", {"angle_weight": -1}, "RKDLoss: angle_weight must be >= 0"),
+])
+def test_loss_parameters_out_of_range_are_one_line_errors(name, params, message):
+    from fastcd.errors import FastcdError
+
+    with pytest.raises(FastcdError) as info:
+        build_loss(name, params)
+    assert message in str(info.value)

@@ -9,16 +9,18 @@ from torch import Tensor
 
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import DistillLoss, register
+from fastcd.utils.tensors import compute_dtype, upcast
 
 
 def attention_map(x: Tensor) -> Tensor:
-    """N x C x H x W -> N x HW: the channel mean of x^2, flattened and L2-normalised per sample (fp32)."""
-    return F.normalize(x.float().pow(2).mean(dim=1).flatten(1), dim=1)
+    """N x C x H x W -> N x HW: the channel mean of x^2, flattened and L2-normalised per sample (fp32, or
+    fp64 for fp64 inputs)."""
+    return F.normalize(upcast(x).pow(2).mean(dim=1).flatten(1), dim=1)
 
 
 def at_eager(stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
     """sum over stages of mean_{n,hw} (a(s) - a(t))^2, as the official code's `at_loss`."""
-    total = torch.zeros((), device=stu_features[0].device)
+    total = torch.zeros((), device=stu_features[0].device, dtype=compute_dtype(stu_features[0]))
     for stage, (s, t) in enumerate(zip(stu_features, tea_features, strict=True), start=1):
         if s.shape[-2:] != t.shape[-2:]:
             raise FastcdError(

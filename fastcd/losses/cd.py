@@ -6,15 +6,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastcd.kernels.dispatch import IMPLS, check_impl, resolve_impl
-from fastcd.losses.registry import DistillLoss, register
+from fastcd.kernels.dispatch import IMPLS, check_impl
+from fastcd.losses.registry import DistillLoss, fused_impl, register
+from fastcd.utils.tensors import compute_dtype, upcast
 
 
 def cd_eager(stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
-    """sum_i mean_{n,c} (mean_{h,w} s_i - mean_{h,w} t_i)^2 in fp32."""
-    total = torch.zeros((), device=stu_features[0].device)
+    """sum_i mean_{n,c} (mean_{h,w} s_i - mean_{h,w} t_i)^2 in fp32 (fp64 for fp64 inputs)."""
+    total = torch.zeros((), device=stu_features[0].device, dtype=compute_dtype(stu_features[0]))
     for s, t in zip(stu_features, tea_features, strict=True):
-        diff = s.float().mean(dim=(2, 3)) - t.float().mean(dim=(2, 3))
+        diff = upcast(s).mean(dim=(2, 3)) - upcast(t).mean(dim=(2, 3))
         total = total + diff.pow(2).mean()
     return total
 
@@ -23,7 +24,7 @@ def cd_eager(stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> 
 class CDLoss(DistillLoss):
     """`CDLoss()(stu_features, tea_features)`; the student features are the connectors' outputs.
 
-    `impl`: auto (the Triton kernel on CUDA tensors, eager elsewhere), triton, cuda (the optional
+    `impl`: auto (the Triton kernel on CUDA fp32/bf16/fp16 tensors, eager elsewhere), triton, cuda (the optional
     C++ extension) or eager. The fused kernels give the (frozen) teacher no gradient.
     """
 
@@ -40,7 +41,7 @@ class CDLoss(DistillLoss):
         self.impl = impl
 
     def forward(self, stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
-        impl = resolve_impl(self.impl, stu_features[0])
+        impl = fused_impl(self.impl, stu_features[0])
         if impl == "triton":
             from fastcd.kernels.cd_triton import cd_triton
 

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcd.losses.registry import DistillLoss, register
+from fastcd.utils.ranges import FRACTION, check_range
+from fastcd.utils.tensors import upcast
 
 
 @register("CELoss")
@@ -16,7 +18,8 @@ class CELoss(DistillLoss):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        check_range(label_smoothing, FRACTION, "CELoss: label_smoothing")
         self.label_smoothing = label_smoothing
 
     def forward(self, stu_pred: Tensor, label: Tensor) -> Tensor:
-        return F.cross_entropy(stu_pred.float(), label, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(upcast(stu_pred), label, label_smoothing=self.label_smoothing)

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import DistillLoss, register
+from fastcd.utils.tensors import upcast
 
 NUM_STAGES = 4
 
@@ -36,4 +37,4 @@ class FitNetLoss(DistillLoss):
         if s.shape != t.shape:
             raise FastcdError(f"FitNetLoss: stage {self.stage} connector output {tuple(s.shape)} differs from "
                               f"the teacher's {tuple(t.shape)}; they need equal channels and spatial sizes")
-        return F.mse_loss(s.float(), t.float())
+        return F.mse_loss(upcast(s), upcast(t))

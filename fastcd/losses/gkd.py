@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastcd.kernels.dispatch import check_impl, resolve_impl
+from fastcd.kernels.dispatch import check_impl
 from fastcd.losses.kd import kd_rows
-from fastcd.losses.registry import DistillLoss, register
+from fastcd.losses.registry import DistillLoss, fused_impl, register
+from fastcd.utils.ranges import POSITIVE, check_range
 
 IMPLS = ("auto", "triton", "eager")  # no CUDA C++ version of this one
 
@@ -20,7 +21,7 @@ def gkd_eager(stu_pred: Tensor, tea_pred: Tensor, label: Tensor, T: float) -> Te
 class KDLossv2(DistillLoss):
     """`KDLossv2(T)(stu_pred, tea_pred, label)`.
 
-    `impl`: auto (the Triton kernel on CUDA tensors, eager elsewhere), triton or eager. The fused
+    `impl`: auto (the Triton kernel on CUDA fp32/bf16/fp16 tensors, eager elsewhere), triton or eager. The fused
     kernel gives the (frozen) teacher no gradient.
     """
 
@@ -30,11 +31,12 @@ class KDLossv2(DistillLoss):
     def __init__(self, T: float = 1.0, impl: str = "auto") -> None:
         super().__init__()
         check_impl(impl, "KDLossv2", IMPLS)
+        check_range(T, POSITIVE, "KDLossv2: T")
         self.T = T
         self.impl = impl
 
     def forward(self, stu_pred: Tensor, tea_pred: Tensor, label: Tensor) -> Tensor:
-        if resolve_impl(self.impl, stu_pred) == "triton":
+        if fused_impl(self.impl, stu_pred) == "triton":
             from fastcd.kernels.gkd_triton import gkd_triton
 
             return gkd_triton(stu_pred, tea_pred, label, self.T)

@@ -5,12 +5,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcd.losses.registry import DistillLoss, register
+from fastcd.utils.ranges import POSITIVE, check_range
+from fastcd.utils.tensors import upcast
 
 
 def kd_rows(stu_pred: Tensor, tea_pred: Tensor, T: float) -> Tensor:
-    """Per-sample KL term (summed over classes, times T^2), computed in fp32."""
-    log_ps = F.log_softmax(stu_pred.float() / T, dim=1)
-    log_pt = F.log_softmax(tea_pred.float() / T, dim=1)
+    """Per-sample KL term (summed over classes, times T^2), computed in fp32 (fp64 for fp64 inputs)."""
+    log_ps = F.log_softmax(upcast(stu_pred) / T, dim=1)
+    log_pt = F.log_softmax(upcast(tea_pred) / T, dim=1)
     return (log_pt.exp() * (log_pt - log_ps)).sum(dim=1) * (T * T)
 
 
@@ -23,6 +25,7 @@ class KDLoss(DistillLoss):
 
     def __init__(self, T: float = 1.0) -> None:
         super().__init__()
+        check_range(T, POSITIVE, "KDLoss: T")
         self.T = T
 
     def forward(self, stu_pred: Tensor, tea_pred: Tensor) -> Tensor:

@@ -12,9 +12,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from fastcd.errors import FastcdError
+from fastcd.kernels.dispatch import resolve_impl
 
 # Fields of DistillOutputs a loss may ask for.
 INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "conn_feats",
@@ -75,6 +77,14 @@ def loss_params(name: str) -> list[str]:
     """Constructor parameters a config entry may set for loss `name`."""
     sig = inspect.signature(loss_class(name).__init__)
     return [p for p in sig.parameters if p != "self"]
+
+
+def fused_impl(impl: str, x: Tensor) -> str:
+    """The implementation a loss with fused kernels runs: `auto` is the Triton kernel for CUDA tensors of
+    at most fp32 (the kernels accumulate in fp32) and eager otherwise; explicit choices stay."""
+    if impl == "auto" and x.dtype == torch.float64:
+        return "eager"
+    return resolve_impl(impl, x)
 
 
 def build_loss(name: str, params: dict[str, Any]) -> DistillLoss:

@@ -6,13 +6,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcd.losses.registry import DistillLoss, register
+from fastcd.utils.ranges import NON_NEGATIVE, check_range
+from fastcd.utils.tensors import upcast
 
 EPS = 1e-12
 
 
 def pair_differences(e: Tensor) -> Tensor:
-    """N x D -> N x N x D, entry [i, j] = e_j - e_i (fp32)."""
-    e = e.float().flatten(1)
+    """N x D -> N x N x D, entry [i, j] = e_j - e_i (fp32, or fp64 for fp64 inputs)."""
+    e = upcast(e).flatten(1)
     return e.unsqueeze(0) - e.unsqueeze(1)
 
 
@@ -48,12 +50,14 @@ class RKDLoss(DistillLoss):
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
+        check_range(distance_weight, NON_NEGATIVE, "RKDLoss: distance_weight")
+        check_range(angle_weight, NON_NEGATIVE, "RKDLoss: angle_weight")
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 
     def forward(self, stu_embed: Tensor, tea_embed: Tensor) -> Tensor:
         ds, dt = pair_differences(stu_embed), pair_differences(tea_embed)
-        loss = torch.zeros((), device=ds.device)
+        loss = torch.zeros((), device=ds.device, dtype=ds.dtype)
         if self.distance_weight:
             loss = loss + self.distance_weight * F.smooth_l1_loss(normalized_distances(ds),
                                                                   normalized_distances(dt))
