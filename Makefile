@@ -5,7 +5,7 @@ setup:
 	@bash tools/setup.sh
 
 demo: setup
-	.venv/bin/fastcd demo
+	.venv/bin/fastcd demo --force
 
 test: setup
 	.venv/bin/python -m pytest

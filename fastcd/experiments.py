@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcd.config import Config, drop_overrides_into_null, load_config
+from fastcd.engine.run_folder import check_run_folder
 from fastcd.engine.trainer import train
 from fastcd.report import Row
 
@@ -50,19 +51,21 @@ def experiment_config(folder: Path, exp: Experiment, run_dir: Path, overrides: S
 
 
 def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, overrides: Sequence[str],
-                    seeds: Sequence[int | None] = (None,)) -> list[Result]:
-    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order."""
+                    seeds: Sequence[int | None] = (None,), force: bool = False) -> list[Result]:
+    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. A run
+    folder that holds a previous run is an error, found before anything trains, unless `force`."""
+    plan = [(seed, exp, experiment_config(folder, exp, out if seed is None else out / f"seed{seed}", overrides,
+                                          seed)) for seed in seeds for exp in experiments]
+    for _, _, cfg in plan:
+        check_run_folder(cfg.out_path, resume=False, force=force)
     results = []
-    for seed in seeds:
-        run_dir = out if seed is None else out / f"seed{seed}"
-        for exp in experiments:
-            cfg = experiment_config(folder, exp, run_dir, overrides, seed)
-            where = "" if seed is None else f", seed {seed}"
-            print(f"== {exp.label}: {cfg.train.epochs} epochs on {cfg.data.train_subset or 'all'} training "
-                  f"images{where}", flush=True)
-            start = time.perf_counter()
-            history = train(cfg)
-            results.append(Result(exp, seed, cfg, history, time.perf_counter() - start))
+    for seed, exp, cfg in plan:
+        where = "" if seed is None else f", seed {seed}"
+        print(f"== {exp.label}: {cfg.train.epochs} epochs on {cfg.data.train_subset or 'all'} training "
+              f"images{where}", flush=True)
+        start = time.perf_counter()
+        history = train(cfg, force=force)
+        results.append(Result(exp, seed, cfg, history, time.perf_counter() - start))
     return results
 
 

@@ -126,6 +126,53 @@ def test_ddp_two_processes_on_cpu(tmp_path):
                            str(cfg_path), "--set", "train.epochs=2"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "latest.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "config.yaml", "latest.pt",
+                                                                   "metrics.jsonl", "run.json"]
     history = load_checkpoint(tmp_path / "ddp" / "latest.pt")["history"]
     assert len(history) == 2 and proc.stdout.count("epoch 2/2") == 1  # only rank 0 logs
+
+
+def test_a_new_run_refuses_a_folder_that_holds_another(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("train.epochs=1", "train.max_steps_per_epoch=1")
+    train(cfg)
+    first = (cfg.out_path / "latest.pt").read_bytes()
+    with pytest.raises(FastcdError, match=r"run folder '.*run' already holds a run \(latest.pt, best.pt, "
+                                          r"metrics.jsonl.*--resume.*--force"):
+        train(cfg)
+    assert (cfg.out_path / "latest.pt").read_bytes() == first
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", str(cfg_path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", str(cfg_path), "--force"]) == 0
+
+
+def test_the_run_folder_records_the_resolved_config_and_the_environment(tiny_config):
+    from fastcd.config import config_from_dict
+
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=1", "optim.lr=0.02")
+    train(cfg, stop_after_epoch=1)
+    saved = yaml.safe_load((cfg.out_path / "config.yaml").read_text())
+    assert config_from_dict(saved).to_dict() == cfg.to_dict() and saved["optim"]["lr"] == 0.02
+    train(cfg, resume=True)
+    run = json.loads((cfg.out_path / "run.json").read_text())
+    first, resumed = run["sessions"]
+    assert first["libraries"]["torch"] == torch.__version__ and first["libraries"]["numpy"]
+    assert first["commit"] and first["machine"] and first["cpu_count"]
+    assert (first["start_epoch"], resumed["start_epoch"]) == (0, 1)
+
+
+def test_checkpoints_are_loaded_weights_only(tmp_path):
+    """A checkpoint that would run code when unpickled is refused, and the code does not run."""
+    import pathlib
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return pathlib.Path.touch, (marker,)
+
+    torch.save({"format": "fastcd-checkpoint-v1", "model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(FastcdError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()

@@ -41,3 +41,17 @@ def test_repro_writes_the_report_with_every_row_and_the_plot(tmp_path, capsys):
 def test_repro_rejects_bad_arguments(tmp_path, capsys):
     assert main(["repro", "fashion-mnist", "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_experiments_refuse_a_previous_run_before_training_anything(tmp_path, capsys):
+    from fastcd.commands.repro import CONFIGS
+    from fastcd.errors import FastcdError
+    from fastcd.experiments import run_experiments
+
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "metrics.jsonl").write_text("")
+    with pytest.raises(FastcdError, match="student' already holds a run .*--force"):
+        run_experiments(CONFIGS, ROWS[:2], tmp_path, [])
+    assert not (tmp_path / "teacher").exists()
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "already holds a run" in capsys.readouterr().err

@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="epochs of every run (default: the configs': teacher 10, students 8)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default: the configs')")
     add_set_argument(parser, "override applied to every run")
+    parser.add_argument("--force", action="store_true", help="replace the runs a previous demo left in --out")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.train_subset:
         common.append(f"data.train_subset={args.train_subset}")
     start = time.perf_counter()
-    table = seed_table(table_rows(run_experiments(CONFIGS, RUNS, out, common)))
+    table = seed_table(table_rows(run_experiments(CONFIGS, RUNS, out, common, force=args.force)))
     atomic_write_bytes(out / "table.md", (table + "\n").encode())
     minutes = (time.perf_counter() - start) / 60
     print(f"\nFashion-MNIST validation (10 000 images), final epoch; total {minutes:.1f} min\n")

@@ -55,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/repro-fashion-mnist", help="folder for the runs")
     parser.add_argument("--report-dir", default=str(RESULTS_DIR), help="where the report goes")
     add_set_argument(parser, "override applied to every run")
+    parser.add_argument("--force", action="store_true", help="replace the runs a previous repro left in --out")
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[str]]:
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     for s in skipped:
         print(f"not run: {s}")
     start = time.perf_counter()
-    results = run_experiments(CONFIGS, experiments, Path(args.out), common, list(range(args.seeds)))
+    results = run_experiments(CONFIGS, experiments, Path(args.out), common, list(range(args.seeds)), args.force)
     seconds = time.perf_counter() - start
     stem = Path(args.report_dir) / f"repro-fashion-mnist-{dt.date.today().isoformat()}"
     png = stem.with_suffix(".png")

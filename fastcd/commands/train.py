@@ -11,13 +11,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/fashion-mnist/cd_gkd_edt.yaml")
     add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
+    parser.add_argument("--force", action="store_true",
+                        help="start afresh in a run folder that holds another run (its files are removed)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after)
+    history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
     if history:
         best = min(history, key=lambda r: r["val_top1_err"])
         print(f"{cfg.name}: best val top-1/top-5 error {best['val_top1_err']:.2f}/{best['val_top5_err']:.2f} "

@@ -20,12 +20,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a fastcd checkpoint on the CPU; a missing, corrupt or foreign file is a one-line error."""
+    """Load a fastcd checkpoint on the CPU, tensors and plain values only (`weights_only`: a file that would
+    run code when unpickled is refused); a missing, corrupt or foreign file is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FastcdError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt file
         raise FastcdError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

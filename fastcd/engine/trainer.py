@@ -22,6 +22,7 @@ from fastcd.data.base import BatchLoader
 from fastcd.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.metrics import Meter
+from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
 from fastcd.engine.runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 from fastcd.engine.step import DistillStep
 from fastcd.errors import FastcdError
@@ -153,11 +154,14 @@ def _format(record: dict[str, Any], cfg: Config) -> str:
             f"{record['images_per_s']:.0f} img/s")
 
 
-def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None) -> list[dict[str, Any]]:
-    """Train `cfg`; return the per-epoch history. `resume` continues from `<out>/latest.pt` exactly."""
+def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
+          force: bool = False) -> list[dict[str, Any]]:
+    """Train `cfg`; return the per-epoch history. `resume` continues from `<out>/latest.pt` exactly; a new
+    run into a folder that holds another is an error unless `force` (which removes the old run's files)."""
+    out = cfg.out_path
+    check_run_folder(out, resume, force)
     rt = setup_runtime(cfg.train)
     seed_everything(cfg.train.seed)
-    out = cfg.out_path
     latest, best_path = out / "latest.pt", out / "best.pt"
 
     # Data
@@ -184,6 +188,10 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         set_rng_state(ckpt["rng"])
         if rt.is_main:
             print(f"resumed from {latest} after epoch {start_epoch}")
+    if rt.is_main:
+        if not resume:
+            clear_run_folder(out)
+        record_session(out, cfg, start_epoch, rt.world_size)
 
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         weights = loss_weights(cfg, epoch)

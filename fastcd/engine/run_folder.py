@@ -1,0 +1,69 @@
+"""A run's folder: refuse to overwrite another run, and record how the run was made.
+
+`config.yaml` is the resolved config (every default and override applied); `run.json` lists each session
+that trained in the folder (the first run and every resume): date, git commit, machine, library versions,
+command line and the epoch it started from.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fastcd.config import Config
+from fastcd.errors import FastcdError
+from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json
+from fastcd.utils.machine import machine_info
+
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "run.json", "tensorboard")
+LIBRARIES = ("torch", "torchvision", "numpy", "triton", "ffcv", "nvidia-dali-cuda130", "tensorboard", "PyYAML")
+
+
+def existing_run_files(out: Path) -> list[str]:
+    """The files of a previous run in `out`."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_run_folder(out: Path, resume: bool, force: bool) -> None:
+    """A new run into a folder that holds another run is an error, unless `force` (or `resume`)."""
+    found = existing_run_files(out)
+    if found and not (resume or force):
+        raise FastcdError(f"run folder {str(out)!r} already holds a run ({', '.join(found)}); continue it with "
+                          "--resume, or replace it with --force (or set train.out_dir elsewhere)")
+
+
+def clear_run_folder(out: Path) -> None:
+    """Remove a previous run's files from `out` (for `--force`), so no stale best.pt or log survives."""
+    for name in existing_run_files(out):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a run's results depend on (torch's with its build, e.g. +cu130)."""
+    versions = {"python": platform.python_version()}
+    for dist in LIBRARIES:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    versions.update(torch=torch.__version__, cuda=torch.version.cuda or "none")
+    return versions
+
+
+def record_session(out: Path, cfg: Config, start_epoch: int, world_size: int) -> None:
+    """Write `config.yaml` and append this session (machine, commit, versions, command) to `run.json`."""
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    sessions: list[dict[str, Any]] = []
+    if start_epoch and (out / "run.json").is_file():
+        sessions = json.loads((out / "run.json").read_text())["sessions"]
+    sessions.append({**machine_info(), "libraries": library_versions(), "command": sys.argv,
+                     "world_size": world_size, "start_epoch": start_epoch})
+    atomic_write_json(out / "run.json", {"name": cfg.name, "sessions": sessions})
