@@ -176,3 +176,35 @@ def test_checkpoints_are_loaded_weights_only(tmp_path):
     with pytest.raises(FastcdError, match="cannot be read"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+def test_resume_applies_optimizer_overrides(tiny_config):
+    """`--resume --set optim.lr=0.01` used to keep the checkpoint's lr while recording 0.01 in the config."""
+    base = ("train.epochs=3", "train.max_steps_per_epoch=2", "optim.schedule=step", "optim.step_size=100")
+    cfg = tiny_config(*base, "optim.lr=0.05", "optim.momentum=0.9")
+    train(cfg, stop_after_epoch=1)
+    history = train(tiny_config(*base, "optim.lr=0.01", "optim.momentum=0.5", "optim.weight_decay=0.001"),
+                    resume=True, stop_after_epoch=2)
+    assert [r["lr"] for r in history] == pytest.approx([0.05, 0.01])
+    ckpt = load_checkpoint(cfg.out_path / "latest.pt")
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == pytest.approx((0.01, 0.5, 0.001))
+    assert ckpt["config"]["optim"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("override,names", [
+    ("train.seed=9", "train.seed"),
+    ("data.batch_size=128", "steps per epoch .*data.batch_size 32 -> 128"),
+    ("train.max_steps_per_epoch=1", "steps per epoch .*train.max_steps_per_epoch"),
+])
+def test_resume_refuses_overrides_it_cannot_apply_by_name(tiny_config, override, names):
+    base = ("train.epochs=2", "train.max_steps_per_epoch=3")
+    train(tiny_config(*base), stop_after_epoch=1)
+    with pytest.raises(FastcdError, match=f"cannot resume .*{names}"):
+        train(tiny_config(*base, override), resume=True)
+
+
+def test_resume_may_change_the_precision(tiny_config):
+    base = ("train.epochs=2", "train.max_steps_per_epoch=1")
+    train(tiny_config(*base, "train.amp=bf16"), stop_after_epoch=1)
+    assert len(train(tiny_config(*base, "train.amp=fp16"), resume=True)) == 2

@@ -22,6 +22,7 @@ from fastcd.data.base import BatchLoader
 from fastcd.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.metrics import Meter
+from fastcd.engine.resume import check_resumable, restore
 from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
 from fastcd.engine.runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 from fastcd.engine.step import DistillStep
@@ -72,11 +73,7 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
     scheduler = build_lr_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     if ckpt is not None:
-        model.student.load_state_dict(ckpt["model"])
-        model.connectors.load_state_dict(ckpt["connectors"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore(ckpt, model, optimizer, scheduler, scaler)
     trained: torch.nn.Module = model
     if compile_mode is not None:
         trained = torch.compile(model, mode=compile_mode)
@@ -92,21 +89,6 @@ def loss_weights(cfg: Config, epoch: int) -> list[float]:
     """Each loss's weight at 1-based `epoch`, milestones scaled to the run's length."""
     return [adjust_loss_alpha(s.loss_rate, epoch, s.factor, s.loss_type, s.loss_rate_decay,
                               cfg.train.dataset_type, cfg.train.epochs) for s in cfg.loss_list]
-
-
-def _check_resumable(ckpt: dict[str, Any], cfg: Config, path: Path) -> None:
-    now = cfg.to_dict()
-    for part in ("student", "teacher"):
-        then = ckpt["config"].get(part)
-        keys = ("arch", "stem", "width", "num_classes")
-        a = {k: then[k] for k in keys} if then else None
-        b = {k: now[part][k] for k in keys} if now[part] else None
-        if a != b:
-            raise FastcdError(f"cannot resume from {str(path)!r}: its {part} is {a}, the config's is {b}")
-    if [s["loss_name"] for s in ckpt["config"]["loss_list"]] != [s.loss_name for s in cfg.loss_list]:
-        raise FastcdError(f"cannot resume from {str(path)!r}: it was trained with losses "
-                          f"{[s['loss_name'] for s in ckpt['config']['loss_list']]}, the config has "
-                          f"{[s.loss_name for s in cfg.loss_list]}")
 
 
 def _raise_if_nonfinite(meter: Meter, cfg: Config, epoch: int, latest: Path) -> None:
@@ -179,7 +161,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
     ckpt = None
     if resume:
         ckpt = load_checkpoint(latest)
-        _check_resumable(ckpt, cfg, latest)
+        check_resumable(ckpt, cfg, latest, steps, rt.world_size)
     model, step = build_step(cfg, rt, steps, ckpt, "default" if cfg.train.compile else None)
     optimizer, scheduler, scaler = step.optimizer, step.scheduler, step.scaler
     start_epoch, history, best = 0, [], math.inf
@@ -213,7 +195,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
             state = {"config": cfg.to_dict(), "model": model.student.state_dict(),
                      "connectors": model.connectors.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "rng": rng_state(), "history": history, "best_top1_err": best}
+                     "rng": rng_state(), "history": history, "best_top1_err": best, "steps_per_epoch": steps,
+                     "world_size": rt.world_size}
             save_checkpoint(latest, state)
             if is_best:
                 save_checkpoint(best_path, state)
