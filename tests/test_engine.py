@@ -208,3 +208,37 @@ def test_resume_may_change_the_precision(tiny_config):
     base = ("train.epochs=2", "train.max_steps_per_epoch=1")
     train(tiny_config(*base, "train.amp=bf16"), stop_after_epoch=1)
     assert len(train(tiny_config(*base, "train.amp=fp16"), resume=True)) == 2
+
+
+def test_metrics_accept_a_zero_dimensional_label():
+    """A one-sample batch whose labels were squeezed to 0-d used to raise IndexError in the meter."""
+    from fastcd.engine.metrics import Meter
+
+    meter = Meter(0, torch.device("cpu"))
+    logits = torch.tensor([[0.1, 2.0, 0.3]])
+    meter.update(torch.zeros(0), torch.zeros(()), logits, torch.tensor(1), 0)
+    meter.update(torch.zeros(0), torch.zeros(()), logits, torch.tensor([0]), 1)
+    stats = meter.read()
+    assert stats["samples"] == 2 and stats["top1_err"] == 50.0
+
+
+def test_a_failing_evaluation_keeps_the_epochs_training(tiny_config, monkeypatch):
+    """The epoch's checkpoint is written before evaluating; a resume evaluates the pending epoch first."""
+    import fastcd.engine.trainer as trainer
+
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=2")
+    real = trainer.evaluate
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(trainer, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(cfg)
+    ckpt = load_checkpoint(cfg.out_path / "latest.pt")
+    assert ckpt["epoch"] == 1 and ckpt["history"][0]["val_top1_err"] is None
+    monkeypatch.setattr(trainer, "evaluate", real)
+    history = train(cfg, resume=True)
+    assert [r["epoch"] for r in history] == [1, 2] and all(r["val_top1_err"] is not None for r in history)
+    epochs = [json.loads(x) for x in (cfg.out_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_top1_err"] is not None for r in epochs if r.get("kind", "epoch") == "epoch"] == [True, True]

@@ -24,6 +24,7 @@ class Meter:
         self.bad_terms = torch.zeros(num_terms, device=device)
 
     def update(self, terms: Tensor, total: Tensor, logits: Tensor, labels: Tensor, step: int) -> None:
+        labels = labels.reshape(-1)  # a one-sample batch may come with 0-d labels
         n = labels.shape[0]
         hits = topk_correct(logits.detach(), labels)
         count = torch.full((1,), n, device=terms.device, dtype=torch.float64)  # a fill, not a host->device copy

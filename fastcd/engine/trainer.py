@@ -175,33 +175,48 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
             clear_run_folder(out)
         record_session(out, cfg, start_epoch, rt.world_size)
 
+    def save(epoch: int, is_best: bool) -> None:
+        """latest.pt (and best.pt), then metrics.jsonl; rank 0 only."""
+        if not rt.is_main:
+            return
+        state = {"config": cfg.to_dict(), "model": model.student.state_dict(),
+                 "connectors": model.connectors.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                 "rng": rng_state(), "history": history, "best_top1_err": best, "steps_per_epoch": steps,
+                 "world_size": rt.world_size}
+        save_checkpoint(latest, state)
+        if is_best:
+            save_checkpoint(best_path, state)
+        atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+
+    def evaluate_epoch(record: dict[str, Any]) -> None:
+        """Validation errors into `record`, then the checkpoints that include them."""
+        nonlocal best
+        val_loader.set_epoch(record["epoch"] - 1)
+        val = evaluate(model.student, val_loader, rt, cfg.data.flip_tta)
+        record.update(val_top1_err=val["top1_err"], val_top5_err=val["top5_err"])
+        is_best = val["top1_err"] < best
+        best = min(best, val["top1_err"])
+        save(record["epoch"], is_best)
+        if rt.is_main:
+            tqdm.write(_format(record, cfg))
+
+    if history and history[-1]["val_top1_err"] is None:  # the checkpoint's epoch was never evaluated
+        evaluate_epoch(history[-1])
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         weights = loss_weights(cfg, epoch)
         step.set_weights(weights)
         train_loader.set_epoch(epoch - 1)
-        val_loader.set_epoch(epoch - 1)
         model.train()
         stats = train_epoch(step, train_loader, steps, cfg, rt, epoch, (epoch - 1) * steps, latest)
-        val = evaluate(model.student, val_loader, rt, cfg.data.flip_tta)
         record = {"epoch": epoch, "weights": weights, "losses": stats["terms"], "loss": stats["total"],
                   "lr": optimizer.param_groups[0]["lr"], "train_top1_err": stats["top1_err"],
-                  "train_top5_err": stats["top5_err"], "val_top1_err": val["top1_err"],
-                  "val_top5_err": val["top5_err"], "images_per_s": stats["images_per_s"],
-                  "data_wait_s": stats["data_wait_s"], "epoch_time_s": stats["time_s"]}
+                  "train_top5_err": stats["top5_err"], "val_top1_err": None, "val_top5_err": None,
+                  "images_per_s": stats["images_per_s"], "data_wait_s": stats["data_wait_s"],
+                  "epoch_time_s": stats["time_s"]}
         history.append(record)
-        is_best = val["top1_err"] < best
-        best = min(best, val["top1_err"])
-        if rt.is_main:
-            state = {"config": cfg.to_dict(), "model": model.student.state_dict(),
-                     "connectors": model.connectors.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "rng": rng_state(), "history": history, "best_top1_err": best, "steps_per_epoch": steps,
-                     "world_size": rt.world_size}
-            save_checkpoint(latest, state)
-            if is_best:
-                save_checkpoint(best_path, state)
-            atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-            tqdm.write(_format(record, cfg))
+        save(epoch, is_best=False)  # before evaluating: an evaluation that fails costs no training
+        evaluate_epoch(record)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if rt.distributed:
