@@ -242,3 +242,76 @@ def test_a_failing_evaluation_keeps_the_epochs_training(tiny_config, monkeypatch
     assert [r["epoch"] for r in history] == [1, 2] and all(r["val_top1_err"] is not None for r in history)
     epochs = [json.loads(x) for x in (cfg.out_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_top1_err"] is not None for r in epochs if r.get("kind", "epoch") == "epoch"] == [True, True]
+
+
+def test_a_step_keeps_no_stage_map_alive(tiny_config):
+    """The step's outputs (every stage map of student, teacher and connectors) used to stay alive through
+    the next step; only the logits the meter reads may survive it."""
+    import gc
+    import weakref
+
+    from fastcd.engine.runtime import setup_runtime
+    from fastcd.engine.trainer import build_step, loss_weights
+
+    cfg = tiny_config()
+    model, step = build_step(cfg, setup_runtime(cfg.train), steps_per_epoch=4)
+    step.set_weights(loss_weights(cfg, cfg.train.epochs))
+    refs = []
+    for module in (model.student.layer1, model.student.layer4, step.teacher.layer2, model.connectors[0]):
+        module.register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
+    images = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    logits, terms, total = step(images, torch.randint(0, 4, (8,)))
+    gc.collect()
+    assert len(refs) == 4 and [r() is None for r in refs] == [True] * 4
+    assert logits.shape == (8, 4) and not logits.requires_grad and terms.shape == (3,)
+
+
+class FakeCudaEvent:
+    """Stands in for torch.cuda.Event on a CPU-only machine: each pair spans 5 GPU milliseconds."""
+
+    synchronized = 0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        FakeCudaEvent.synchronized += 1
+
+    def elapsed_time(self, end: "FakeCudaEvent") -> float:
+        return 5.0
+
+
+def test_data_wait_on_a_gpu_is_measured_with_events_read_at_log_time():
+    """Host time around next() says nothing about an asynchronous GPU loader: the events' time is reported,
+    and the host waits for them only when the value is read."""
+    import time
+
+    from fastcd.engine.timing import DataWait
+
+    wait = DataWait(torch.device("cuda"), event=FakeCudaEvent)
+    for _ in range(3):
+        wait.start()
+        time.sleep(0.02)  # host time that must not be counted
+        wait.stop()
+    assert FakeCudaEvent.synchronized == 0
+    assert wait.read() == pytest.approx(0.015) and FakeCudaEvent.synchronized == 1
+    cpu = DataWait(torch.device("cpu"))
+    cpu.start()
+    time.sleep(0.02)
+    cpu.stop()
+    assert cpu.read() >= 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_data_wait_sees_gpu_work_the_host_does_not_wait_for():
+    from fastcd.engine.timing import DataWait
+
+    wait = DataWait(torch.device("cuda"))
+    torch.cuda.synchronize()
+    wait.start()
+    torch.cuda._sleep(200_000_000)  # a GPU loader's enqueued work: the host returns at once
+    wait.stop()
+    assert wait.read() > 0.01

@@ -57,10 +57,14 @@ class DistillStep:
         self.scaler.update()
         self.scheduler.step()
 
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[DistillOutputs, Tensor, Tensor]:
-        """Run all phases; return the outputs, the loss terms and the weighted total (all on the device)."""
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run all phases; return the student's logits (detached), the loss terms and the weighted total, all
+        on the device. No stage map outlives the step: the outputs are dropped before the backward pass,
+        which then frees each map as soon as its gradient no longer needs it."""
         out = self.student_outputs(images, labels, self.teacher_outputs(images))
         terms = self.loss_terms(out)
+        logits = out.stu_logits.detach()
+        del out
         total = self.backward(terms)
         self.optimizer_step()
-        return out, terms.detach(), total
+        return logits, terms.detach(), total

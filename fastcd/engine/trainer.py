@@ -26,6 +26,7 @@ from fastcd.engine.resume import check_resumable, restore
 from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
 from fastcd.engine.runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
 from fastcd.engine.step import DistillStep
+from fastcd.engine.timing import DataWait
 from fastcd.errors import FastcdError
 from fastcd.losses import build_loss
 from fastcd.models import StudentWithConnectors, build_resnet, freeze
@@ -105,14 +106,14 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
     meter = Meter(len(step.losses), rt.device)
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
                disable=not (cfg.train.progress and rt.is_main))
-    batches = iter(loader)
-    data_time, start = 0.0, time.perf_counter()
+    batches, wait = iter(loader), DataWait(rt.device)
+    start = time.perf_counter()
     for i in range(steps):
-        t = time.perf_counter()
+        wait.start()
         images, labels = next(batches)
-        data_time += time.perf_counter() - t
-        out, terms, total = step(images, labels)
-        meter.update(terms, total, out.stu_logits, labels, first_step + i)
+        wait.stop()
+        logits, terms, total = step(images, labels)
+        meter.update(terms, total, logits, labels, first_step + i)
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
             _raise_if_nonfinite(meter, cfg, epoch, latest)  # intentional syncs: log time only
             bar.set_postfix(loss=f"{meter.read()['total']:.4f}",
@@ -124,7 +125,7 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
     bar.close()
     meter.reduce()
     stats = meter.read()
-    return {**stats, "images_per_s": stats["samples"] / elapsed, "data_wait_s": data_time, "time_s": elapsed}
+    return {**stats, "images_per_s": stats["samples"] / elapsed, "data_wait_s": wait.read(), "time_s": elapsed}
 
 
 def _format(record: dict[str, Any], cfg: Config) -> str:
