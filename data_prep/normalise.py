@@ -2,13 +2,17 @@
 
 A baseline RGB JPEG that already fits (no EXIF rotation) passes through byte for byte; it is
 still decoded once (at 1/8 scale, which reads every coefficient) so truncated files are caught.
-Anything else that Pillow can read is decoded, rotated, converted to RGB, shrunk and re-encoded.
+Anything else that Pillow can read is decoded, rotated, converted to RGB (high-bit-depth values
+scaled to 8 bits), shrunk and re-encoded. Whatever goes wrong with one file — not a regular file,
+unreadable, any exception from a decoder — skips that file with the reason; it never ends the run.
 Runs in worker processes: everything here is a plain function of its arguments.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +25,13 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 LARGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Above this we do not even try (a 1.4-gigapixel image is not a training sample).
 MAX_PIXELS = 16 * LARGE_PIXELS
+# Nor do we read a file larger than this into a worker's memory.
+MAX_FILE_BYTES = 1 << 30
+# Single-band modes wider than 8 bits and the value that maps to 255 (Pillow widens 16-bit PGM,
+# TIFF and PNG samples to I;16* or I; float images are taken to span 0..1).
+WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+FILE_KINDS = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket",
+              stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device"}
 
 
 @dataclass(frozen=True)
@@ -34,17 +45,22 @@ class Normalised:
     note: str = ""  # what was repaired, or why it was skipped
 
 
+class Unscalable(ValueError):
+    """Pixel values with no known mapping to 8 bits."""
+
+
 def _skipped(reason: str) -> Normalised:
     return Normalised(None, note=reason)
 
 
 @contextlib.contextmanager
-def _large_images_allowed() -> Iterator[None]:
+def _decoding() -> Iterator[None]:
+    """Large images allowed up to MAX_PIXELS; decoder warnings (e.g. corrupt EXIF) kept off the terminal."""
     old = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
@@ -66,8 +82,13 @@ def _defects(img: Image.Image, name: str) -> list[str]:
     """What keeps this image from passing through: each entry says what will be done."""
     found = []
     if img.format != "JPEG":
-        found.append(f"{img.format or 'unknown'} data in {Path(name).suffix or 'a file'} -> JPEG")
-    if img.mode != "RGB":
+        suffix = Path(name).suffix
+        named_right = Image.registered_extensions().get(suffix.lower()) == img.format
+        found.append(f"{img.format} -> JPEG" if named_right else
+                     f"{img.format or 'unknown'} data in {suffix or 'a file without extension'} -> JPEG")
+    if img.mode in WIDE_MODES:
+        found.append(f"{img.mode} -> RGB (values 0..{WIDE_MODES[img.mode]} scaled to 0..255)")
+    elif img.mode != "RGB":
         found.append(f"{img.mode} -> RGB")
     if img.format == "JPEG" and (img.info.get("progressive") or img.info.get("progression")):
         found.append("progressive -> baseline")
@@ -79,32 +100,32 @@ def _defects(img: Image.Image, name: str) -> list[str]:
     return found
 
 
-def normalise_bytes(data: bytes, name: str, max_side: int, quality: int) -> Normalised:
-    """Normalise the encoded image `data` (from the file `name`, used in messages only)."""
-    if not data:
-        return _skipped("zero-byte file")
-    with _large_images_allowed():
-        try:
-            img = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            return _skipped("not an image file")
-        except Image.DecompressionBombError:
-            return _skipped(f"image larger than {MAX_PIXELS} pixels")
-        defects = _defects(img, name)
-        target = _fit(img.size, max_side)
-        try:
-            if not defects and target == img.size:
-                img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-                return Normalised(data, *target, outcome="passed")
-            if img.format == "JPEG":
-                img.draft(None, target)
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode != "RGB":
-                img = img.convert("RGBA" if "transparency" in img.info else img.mode).convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            return _skipped(f"truncated or corrupt image data ({e})")
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB with every value scaled, never clipped: Pillow's own conversion of I;16, I and F clips at 255."""
+    top = WIDE_MODES.get(img.mode)
+    if top is not None:
+        values = np.asarray(img)
+        lo, hi = (values.min(), values.max()) if values.size else (0, 0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo and hi <= top):
+            raise Unscalable(f"{img.mode} values {lo}..{hi} are outside 0..{top}, no known scale to 8 bits")
+        img = Image.fromarray(np.rint(values.astype(np.float64) * (255 / top)).astype(np.uint8), "L")
+    elif "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _normalise(data: bytes, name: str, max_side: int, quality: int) -> Normalised:
+    img = Image.open(io.BytesIO(data))
+    defects = _defects(img, name)
+    target = _fit(img.size, max_side)
+    if not defects and target == img.size:
+        img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+        return Normalised(data, *target, outcome="passed")
+    if img.format == "JPEG":
+        img.draft(None, target)
+    img.load()
+    img = _to_rgb(ImageOps.exif_transpose(img))
     target = _fit(img.size, max_side)
     if img.size != target:
         img = img.resize(target, Image.Resampling.BOX)  # area average, as ffcv (cv2.INTER_AREA)
@@ -112,12 +133,47 @@ def normalise_bytes(data: bytes, name: str, max_side: int, quality: int) -> Norm
     return Normalised(_encode(img, quality), *img.size, outcome=outcome, note="; ".join(defects))
 
 
+def normalise_bytes(data: bytes, name: str, max_side: int, quality: int) -> Normalised:
+    """Normalise the encoded image `data` (from the file `name`, used in messages only).
+
+    Any exception while decoding, converting or encoding skips this one image, with the reason.
+    """
+    if not data:
+        return _skipped("zero-byte file")
+    with _decoding():
+        try:
+            return _normalise(data, name, max_side, quality)
+        except UnidentifiedImageError:
+            return _skipped("not an image file")
+        except Image.DecompressionBombError:
+            return _skipped(f"image larger than {MAX_PIXELS} pixels")
+        except Unscalable as e:
+            return _skipped(str(e))
+        except Exception as e:  # a decoder may raise anything on hostile input
+            return _skipped(f"truncated or corrupt image data ({type(e).__name__}: {e})")
+
+
+def _read(path: str) -> bytes | str:
+    """The bytes of a regular file, or why they were not read. Nothing else is opened (a FIFO would block)."""
+    try:
+        info = os.stat(path)
+        kind = next((k for test, k in FILE_KINDS.items() if test(info.st_mode)), None)
+        if kind is None and info.st_size > MAX_FILE_BYTES:
+            return f"file of {info.st_size} bytes, more than the {MAX_FILE_BYTES} read for one image"
+        if kind is None:
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # still the file seen by stat
+                    return f.read(MAX_FILE_BYTES + 1)
+        return f"not a regular file ({kind or 'replaced while being read'})"
+    except OSError as e:
+        return f"cannot read file ({e.strerror})"
+
+
 def normalise_file(path: str, max_side: int, quality: int) -> Normalised:
     """Read and normalise one image file; unreadable files are skipped with the reason."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        return _skipped(f"cannot read file ({e.strerror})")
+    data = _read(path)
+    if isinstance(data, str):
+        return _skipped(data)
     return normalise_bytes(data, path, max_side, quality)
 
 

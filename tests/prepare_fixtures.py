@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ BAD_FILES = {
     "progressive.JPEG": ("repaired", "progressive -> baseline"),
     "huge.JPEG": ("repaired", "very large"),
     "truncated.JPEG": ("skipped", "truncated"),
+    "cut-in-header.JPEG": ("skipped", "truncated or corrupt image data (OSError"),
+    "ramp16.png": ("repaired", "I;16 -> RGB (values 0..65535 scaled to 0..255)"),
+    "fifo.JPEG": ("skipped", "not a regular file (a FIFO)"),
+    "oversized.JPEG": ("skipped", "more than the"),
     "empty.JPEG": ("skipped", "zero-byte"),
     "notes.txt": ("skipped", "not an image"),
 }
@@ -34,8 +39,17 @@ def jpeg_bytes(img: Image.Image, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def ramp16_png() -> bytes:
+    """A 16-bit greyscale PNG (Pillow mode I;16): a horizontal ramp over 0..65535."""
+    buf = io.BytesIO()
+    ramp = np.rint(np.tile(np.linspace(0, 1, 90), (60, 1)) * 65535).astype("<u2")
+    Image.frombytes("I;16", (90, 60), ramp.tobytes()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_bad_files(folder: Path, rng: np.random.Generator, huge: bytes) -> None:
-    """Write every kind of bad file of BAD_FILES into `folder`."""
+    """Write every kind of bad file of BAD_FILES into `folder` (the FIFO as a FIFO, `oversized.JPEG`
+    as a sparse file of more than 1 GiB)."""
     img = random_image(rng, 90, 60)
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -50,11 +64,17 @@ def write_bad_files(folder: Path, rng: np.random.Generator, huge: bytes) -> None
         "progressive.JPEG": jpeg_bytes(img, progressive=True),
         "huge.JPEG": huge,
         "truncated.JPEG": good[: len(good) * 2 // 3],
+        "cut-in-header.JPEG": good[:300],
+        "ramp16.png": ramp16_png(),
         "empty.JPEG": b"",
         "notes.txt": b"this folder holds pictures of ants\n",
     }
     for name, data in contents.items():
         (folder / name).write_bytes(data)
+    os.mkfifo(folder / "fifo.JPEG")
+    with open(folder / "oversized.JPEG", "wb") as f:
+        f.write(good)
+        f.truncate((1 << 30) + 1)
 
 
 def huge_jpeg() -> bytes:

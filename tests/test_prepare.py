@@ -6,21 +6,24 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fastcd.cli import main
 from fastcd.data_prep import prepare as prepare_module
 from fastcd.data_prep.labels import read_labels
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest
+from fastcd.data_prep.normalise import normalise_bytes, normalise_file
 from fastcd.data_prep.prepare import prepare
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError
@@ -243,6 +246,76 @@ def test_flat_validation_with_labels(tmp_path, layout):
     assert [s["path"].rsplit("/", 1)[-1] for s in val["skipped"]] == ["unlabelled.JPEG"]
 
 
+def _mode_file(mode: str) -> bytes | None:
+    """A 256x16 horizontal ramp, black to white, stored in Pillow mode `mode` as PNG or TIFF (None when
+    Pillow writes neither). 16-bit and I ramps span 0..65535, F ramps 0..1, the others 0..255."""
+    ramp = np.tile(np.linspace(0, 1, 256), (16, 1))
+    if mode.startswith("I;16"):
+        img = Image.frombytes(mode, (256, 16), np.rint(ramp * 65535).astype(">u2" if mode == "I;16B" else "<u2")
+                              .tobytes())
+    elif mode in ("I", "F"):
+        img = Image.fromarray(np.rint(ramp * 65535).astype(np.int32) if mode == "I" else ramp.astype(np.float32))
+    else:
+        img = Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).convert("RGB").convert(mode)
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        try:
+            img.save(buf, format=fmt)
+        except (OSError, KeyError):
+            continue
+        return buf.getvalue()
+    return None
+
+
+@pytest.mark.parametrize("mode", [m for m in sorted(Image.MODES) if _mode_file(m) is not None])
+def test_every_mode_comes_out_scaled(mode):
+    result = normalise_bytes(_mode_file(mode), "ramp.tif", MAX_SIDE * 4, 95)
+    assert result.jpeg is not None, result.note
+    grey = np.asarray(Image.open(io.BytesIO(result.jpeg)).convert("L"), dtype=np.float64)
+    profile = grey.mean(0).reshape(16, 16).mean(1)  # 16 column blocks, dark to light
+    assert np.abs(profile - np.linspace(0, 255, 256).reshape(16, 16).mean(1)).max() < 6, (mode, profile)
+
+
+@pytest.mark.parametrize("mode,values,reason", [("I", [-5, 70000], "outside 0..65535"),
+                                                ("F", [0.0, 255.0], "outside 0..1.0"),
+                                                ("F", [0.0, np.nan], "no known scale")])
+def test_values_without_a_scale_are_skipped(mode, values, reason):
+    buf = io.BytesIO()
+    Image.fromarray(np.array([values] * 4, dtype=np.int32 if mode == "I" else np.float32)).save(buf, format="TIFF")
+    result = normalise_bytes(buf.getvalue(), "x.tif", MAX_SIDE, 90)
+    assert result.jpeg is None and reason in result.note
+
+
+def test_decoder_exceptions_skip_the_file(monkeypatch):
+    good = jpeg_bytes(random_image(np.random.default_rng(), 90, 60))
+    assert "OSError: Truncated File Read" in normalise_bytes(good[:300], "cut.JPEG", MAX_SIDE, 90).note
+
+    def broken_decoder(self):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_decoder)
+    assert normalise_bytes(good, "x.JPEG", MAX_SIDE, 90).note == \
+        "truncated or corrupt image data (error: unpack requires a buffer of 4 bytes)"
+
+
+def test_non_regular_files_are_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "fifo.JPEG")
+    (tmp_path / "loop.JPEG").symlink_to(tmp_path / "loop.JPEG")
+    (tmp_path / "dev.JPEG").symlink_to("/dev/zero")
+    reasons = {}
+
+    def read_all():  # in a thread: opening the FIFO for reading would block until a writer came
+        reasons.update((n, normalise_file(str(tmp_path / n), MAX_SIDE, 90).note)
+                       for n in ("fifo.JPEG", "loop.JPEG", "dev.JPEG"))
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert reasons == {"fifo.JPEG": "not a regular file (a FIFO)",
+                       "loop.JPEG": "cannot read file (Too many levels of symbolic links)",
+                       "dev.JPEG": "not a regular file (a character device)"}
+
+
 def test_labels_file_layouts(tmp_path):
     path = tmp_path / "val.txt"
     path.write_text("ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\n")
@@ -258,7 +331,9 @@ def test_strict_fails_naming_unreadable_files(dataset, tmp_path, capsys):
     code = main(["prepare", str(dataset.src), str(out), "--strict", "--formats", "dali", "--workers", "1",
                  "--max-side", str(MAX_SIDE), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "--strict" in err and "truncated.JPEG" in err and "empty.JPEG" in err
+    unreadable = sum(outcome == "skipped" for outcome, _ in BAD_FILES.values())
+    assert code == 2 and f"--strict: {unreadable} unreadable" in err and "cut-in-header.JPEG" in err
+    assert "empty.JPEG" in err and "fifo.JPEG (not a regular file" in err
     assert not (out / "manifest.json").exists()
 
 
