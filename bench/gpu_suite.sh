@@ -1,73 +1,200 @@
 #!/usr/bin/env bash
-# The GPU-only tests and every GPU benchmark, in at most ~10 minutes on one H100 (16 cores), then a summary.
-# Run from the checkout on the GPU machine:  bash bench/gpu_suite.sh
-# Results land in bench/results/ (JSON + the train ablation's .md table and .png plot); logs in $LOGS.
-# Each step has a time budget; a step that no longer fits in what is left of TOTAL is skipped, and says so;
-# an interrupted `bench train` still records the rows it finished.
-# Environment: PYTHON (default .venv/bin/python, else python3), TOTAL seconds (default 590), LOGS folder.
+# Every GPU check and benchmark of fastcd in one run of about 8 minutes on the bare GPU image (python3
+# with torch, torchvision and triton; no DALI, FFCV or network), then a summary.
+#
+#   bash bench/gpu_suite.sh [--out DIR] [--dry-run] [--only STEP,...]
+#
+# Steps, in order of value (a step that no longer fits in what is left of TOTAL seconds is skipped):
+#   install        fastcd into a throwaway venv over python3's packages (pip -e, offline, no deps)
+#   env            GPU name, Python.h, nvcc, one Triton launch, one batched nvjpeg decode (bench/gpu_check.py)
+#   kernel-tests   the Triton kernels (CD, GKD, crop) against their float64 references, on CUDA tensors,
+#                  while the CUDA C++ extension builds in the background
+#   cuda-ext       the CUDA C++ extension's test (reusing that build)
+#   bench-kernels  eager vs torch.compile vs Triton vs CUDA C++, ResNet-18/34 stage shapes, both layouts
+#   bench-train    the step ablation, ResNet-34 -> ResNet-18, batch 256, 176 px, on-device data
+#   bench-loader   generated JPEGs (shards only), ImageFolder/PIL vs the torch backend's GPU decode
+#   bench-train-loaders  the same step fed by each loader
+# Outputs, under --out (default $OUT, else a new temporary folder), at most 8 files, rewritten after
+# every step so a later failure or timeout loses nothing: summary.txt, steps.jsonl (one JSON line per
+# step), results.tar.gz (the benchmarks' JSON, markdown and PNG files), logs.tar.gz (one log per step).
+# --dry-run: the same steps at tiny sizes on the CPU, imitating the GPU image (fastcd imported only the
+# way this script installs it, ffcv and nvidia.dali unimportable); tests/test_gpu_suite.py runs it.
+# Environment: PYTHON (default python3), TOTAL seconds (default 470; dry run 600).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
 
-PYTHON=${PYTHON:-.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python3
-TOTAL=${TOTAL:-590}
-LOGS=${LOGS:-$(mktemp -d -t fastcd-gpu-suite.XXXX)}
-mkdir -p "$LOGS"
-CONFIG=configs/imagenet/s_resnet18.t_resnet34.cd.kdv2.lrdv2.yaml
+DRY=0
+OUTDIR=${OUT:-}
+ONLY=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --dry-run) DRY=1 ;;
+    --out) OUTDIR=${2:?--out needs a folder}; shift ;;
+    --only) ONLY=${2:?--only needs step names}; shift ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_suite: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+PYTHON=${PYTHON:-python3}
+TOTAL=${TOTAL:-$([ $DRY = 1 ] && echo 600 || echo 470)}
+[ -n "$OUTDIR" ] || OUTDIR=$(mktemp -d -t fastcd-gpu-suite.XXXX)
+mkdir -p "$OUTDIR" 2>/dev/null && [ -w "$OUTDIR" ] || { echo "gpu_suite: cannot write to --out $OUTDIR" >&2; exit 2; }
+OUTDIR=$(cd "$OUTDIR" && pwd)
+W=$(mktemp -d -t fastcd-gpu-work.XXXX)  # venv, logs, results and data; only OUTDIR comes back
+BUILD_PID="" DATA_PID=""
+trap 'kill $BUILD_PID $DATA_PID 2>/dev/null; rm -rf "$W"' EXIT
+LOGS=$W/logs RESULTS=$W/results DATA=$W/data
+mkdir -p "$LOGS" "$RESULTS"
+VPY=$W/venv/bin/python
+FASTCD=$W/venv/bin/fastcd
 START=$(date +%s)
-SUMMARY=()
+: >"$OUTDIR/steps.jsonl"
+rm -f "$OUTDIR/summary.txt" "$OUTDIR/results.tar.gz" "$OUTDIR/logs.tar.gz"
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$W/ext
+[ $DRY = 1 ] && export TRITON_INTERPRET=1 TMPDIR=$W
 
-fastcd() { "$PYTHON" -m fastcd.cli "$@"; }
+CONFIG=configs/imagenet/s_resnet18.t_resnet34.cd.kdv2.lrdv2.yaml
+if [ $DRY = 1 ]; then
+  TINY=(--set student.width=0.0625 --set teacher.width=0.0625 --set data.res=32 --set data.val_res=32
+        --set data.batch_size=8 --set data.workers=2)
+  KERNELS=(--cpu) TRAIN=("${TINY[@]}" --steps 3 --warmup 1 --skip torch.compile) IMAGES=48 WORKERS=2
+  LOADER=(--res 32 --batch 8 --epochs 1)
+else
+  KERNELS=() TRAIN=(--set data.res=176 --set data.val_res=176 --steps 25 --warmup 8) IMAGES=4096 WORKERS=16
+  LOADER=(--res 176 --batch 256 --epochs 2)
+fi
 
-# step NAME BUDGET_S COMMAND...: run COMMAND under `timeout`, log it, add a summary line.
+pack() {  # the results and logs so far into OUTDIR, atomically
+  tar -czf "$OUTDIR/.results.tmp" -C "$W" results && mv -f "$OUTDIR/.results.tmp" "$OUTDIR/results.tar.gz"
+  tar -czf "$OUTDIR/.logs.tmp" -C "$W" logs && mv -f "$OUTDIR/.logs.tmp" "$OUTDIR/logs.tar.gz"
+}
+
+summary() {  # summary.txt from steps.jsonl (rewritten after every step)
+  "$PYTHON" - "$OUTDIR" "$TOTAL" "$(( $(date +%s) - START ))" <<'EOF' >"$OUTDIR/.summary.tmp"
+import json, sys
+out, total, spent = sys.argv[1], sys.argv[2], sys.argv[3]
+print(f"fastcd gpu_suite: {spent}s of {total}s")
+for line in open(f"{out}/steps.jsonl"):
+    s = json.loads(line)
+    print(f"{s['step']:<20} {s['status']:<10} {s['seconds']:>4}s  {s['last_line']}")
+EOF
+  mv -f "$OUTDIR/.summary.tmp" "$OUTDIR/summary.txt"
+}
+
+record() {  # record NAME STATUS RC SECONDS: one line in steps.jsonl, then pack and summarise
+  "$PYTHON" - "$@" "$LOGS/$1.log" >>"$OUTDIR/steps.jsonl" <<'EOF'
+import json, sys
+name, status, rc, seconds, log = sys.argv[1:6]
+lines = [l.strip() for l in open(log, errors="replace") if l.strip()]
+print(json.dumps({"step": name, "status": status, "rc": int(rc), "seconds": int(seconds),
+                  "last_line": lines[-1][:300] if lines else ""}))
+EOF
+  pack
+  summary
+}
+
+FAILED=0
+# step NAME BUDGET COMMAND...: run COMMAND under `timeout` (SIGINT first, so benchmarks keep the rows done)
 step() {
   local name=$1 budget=$2
   shift 2
-  local left=$(( TOTAL - ($(date +%s) - START) ))
-  if (( left < budget / 2 )); then
-    SUMMARY+=("$(printf '%-26s SKIPPED (needs ~%ss, %ss left)' "$name" "$budget" "$left")")
-    return
-  fi
-  (( budget > left )) && budget=$left
-  local t0 rc
+  if [ -n "$ONLY" ] && [[ ",install,env,$ONLY," != *",$name,"* ]]; then return 0; fi
+  local left=$(( TOTAL - ($(date +%s) - START) )) t0 rc status
   t0=$(date +%s)
-  echo "== $name (budget ${budget}s) -> $LOGS/$name.log"
-  timeout --signal=INT --kill-after=10 "$budget" "$@" > "$LOGS/$name.log" 2>&1
-  rc=$?
-  local status="ok"
-  (( rc == 124 || rc == 137 )) && status="TIMED OUT"
-  (( rc != 0 && rc != 124 && rc != 137 )) && status="FAILED (rc $rc)"
-  SUMMARY+=("$(printf '%-26s %-16s %4ss  %s' "$name" "$status" "$(( $(date +%s) - t0 ))" "$(tail -n 1 "$LOGS/$name.log")")")
+  if (( left < budget / 2 )); then
+    echo "skipped: needs ~${budget}s, ${left}s left of TOTAL=${TOTAL}" >"$LOGS/$name.log"
+    status=skipped rc=0
+  else
+    (( budget > left )) && budget=$left
+    echo "== $name (budget ${budget}s)"
+    timeout --signal=INT --kill-after=15 "$budget" "$@" >"$LOGS/$name.log" 2>&1
+    rc=$?
+    case $rc in 0) status=ok ;; 124 | 137) status=timed_out ;; *) status=failed ;; esac
+  fi
+  [ "$status" = ok ] || FAILED=1
+  echo "   $status ($(( $(date +%s) - t0 ))s): $(grep -v '^\s*$' "$LOGS/$name.log" | tail -n 1 | cut -c1-200)"
+  record "$name" "$status" "$rc" "$(( $(date +%s) - t0 ))"
 }
 
-"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
-  echo "gpu_suite: no CUDA device visible to $PYTHON; run this on the GPU machine" >&2; exit 2; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+install_fastcd() {  # fastcd into $W/venv: python3's packages plus an editable, offline, dependency-free install
+  "$PYTHON" -m venv --without-pip "$W/venv" || return 1
+  local site
+  site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
+  "$PYTHON" -c 'import site; print("\n".join([*site.getsitepackages(), site.getusersitepackages()]))' \
+    >"$site/_fastcd_parent.pth" || return 1
+  if [ $DRY = 1 ]; then  # the GPU image has neither library: make both unimportable here too
+    mkdir -p "$W/blocked/ffcv" "$W/blocked/nvidia/dali"
+    echo 'raise ImportError("ffcv is not installed (gpu_suite --dry-run imitates the GPU image)")' \
+      >"$W/blocked/ffcv/__init__.py"
+    echo 'raise ImportError("nvidia.dali is not installed (gpu_suite --dry-run imitates the GPU image)")' \
+      >"$W/blocked/nvidia/dali/__init__.py"
+    # `nvidia` holds other packages (CUDA libraries): this one comes first and extends its path to theirs
+    echo 'import pkgutil; __path__ = pkgutil.extend_path(__path__, __name__)' >"$W/blocked/nvidia/__init__.py"
+    echo "$W/blocked" >"$site/_0_blocked.pth"  # .pth files are read in name order: before the parent's
+  fi
+  "$VPY" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation --no-index \
+    --ignore-installed -e "$ROOT" || return 1
+  "$VPY" -c 'import fastcd.kernels, fastcd.bench, fastcd.data_prep; print("fastcd importable from", fastcd.__file__)'
+}
 
-# 1. GPU-only tests: the CUDA C++ extension (slow-marked) and the Triton kernels on CUDA tensors.
-step tests 110 "$PYTHON" -m pytest -q -p no:cacheprovider -m "slow or not slow" \
-  tests/test_cuda_ext.py tests/test_kernels_cd.py tests/test_kernels_gkd.py
+build_cuda_ext() {  # the CUDA C++ extension, JIT-compiled into TORCH_EXTENSIONS_DIR (the tests reuse it)
+  "$VPY" -c 'from fastcd.kernels.cd_cuda import load_jit; load_jit(); print("CUDA extension built")'
+}
 
-# 2. Loss kernels: eager vs torch.compile vs Triton vs CUDA C++ at ResNet-18/34 stage shapes.
-step bench-kernels 60 fastcd bench kernels
+wait_for() {  # wait_for [PID]: until that background job ends (no PID: at once)
+  while [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; do sleep 1; done
+}
 
-# 3. Training step ablation at the real size: ResNet-34 -> ResNet-18, batch 256, 176 px, on-device data.
-step bench-train-ablation 260 fastcd bench train "$CONFIG" --ablation --steps 30 --warmup 10 \
-  --set data.res=176 --set data.val_res=176
+export -f install_fastcd  # `timeout` runs programs: the function runs in `bash -c`
+export PYTHON W VPY DRY ROOT
+step install 90 bash -c install_fastcd
+if ! grep -q '"step": "install", "status": "ok"' "$OUTDIR/steps.jsonl"; then
+  echo "gpu_suite: fastcd could not be installed (logs.tar.gz: logs/install.log); stopping" >&2
+  exit 2
+fi
+step env 60 "$VPY" -m fastcd.bench.gpu_check $([ $DRY = 1 ] && echo --cpu)
+if ! grep -q '"step": "env", "status": "ok"' "$OUTDIR/steps.jsonl"; then
+  echo "gpu_suite: $(tail -n 1 "$LOGS/env.log"); stopping" >&2
+  exit 2
+fi
 
-# 4. The same step fed by each loader (ImageFolder/PIL, torch, FFCV: CPU decode; DALI: GPU decode) over
-#    4096 generated ImageNet-like JPEGs, prepared here first; compile and CUDA graphs were measured in 3.
-step bench-train-loaders 130 fastcd bench train "$CONFIG" --ablation --data loader --images 4096 \
-  --steps 20 --warmup 8 --skip "torch.compile,CUDA graphs" --set data.res=176 --set data.workers=12
+if [ $DRY = 1 ]; then  # the dry run proves the plumbing; compiling for sm_90 here takes minutes
+  EXT_TEST=(-k hopper)
+else
+  EXT_TEST=()
+  build_cuda_ext >"$LOGS/cuda-ext-build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+PYTEST=("$VPY" -m pytest -o addopts="" -q -p no:cacheprovider)  # last line: "N passed in S s"
+step kernel-tests 120 "${PYTEST[@]}" -x -m "not slow" \
+  tests/test_kernels_cd.py tests/test_kernels_gkd.py tests/test_kernels_crop.py
+step cuda-ext 90 bash -c "while [ -n '$BUILD_PID' ] && kill -0 '$BUILD_PID' 2>/dev/null; do sleep 1; done
+  cat '$LOGS/cuda-ext-build.log' 2>/dev/null
+  exec ${PYTEST[*]} -m slow tests/test_cuda_ext.py ${EXT_TEST[*]}"
 
-# 5. Loaders alone (no training), if time is left: GPU (DALI mixed) vs CPU decode.
-step bench-loader 60 fastcd bench loader "${TMPDIR:-/tmp}/fastcd-bench-train/prepared-4096" --res 176 --epochs 1 \
-  --workers 12 --backends imagefolder,torch,ffcv,dali
+# The JPEGs for the decode steps are generated and prepared (shards only: no ffcv here) in the
+# background, on a quarter of the cores, while the GPU-bound kernel benchmark runs.
+(nice -n 10 "$VPY" -c "import sys; from pathlib import Path; from fastcd.bench.prepare import generated_dataset
+generated_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))" "$DATA" "$IMAGES" $(( (WORKERS + 3) / 4 )) \
+  >"$LOGS/data-prep.log" 2>&1) &
+DATA_PID=$!
 
+step bench-kernels 80 "$FASTCD" bench kernels "${KERNELS[@]}" --out "$RESULTS"
+step bench-train 170 "$FASTCD" bench train "$CONFIG" --ablation "${TRAIN[@]}" --out "$RESULTS"
+wait_for $DATA_PID
+step bench-loader 70 "$FASTCD" bench loader "$DATA" --backends imagefolder,torch --workers "$WORKERS" \
+  --images "$IMAGES" "${LOADER[@]}" --out "$RESULTS"
+step bench-train-loaders 100 "$FASTCD" bench train "$CONFIG" --ablation --data loader --data-path "$DATA" \
+  --images "$IMAGES" "${TRAIN[@]}" --skip "torch.compile,CUDA graphs" --set data.workers="$WORKERS" \
+  --out "$RESULTS"
+
+wait_for "$BUILD_PID"
+pack
+summary
 echo
-echo "== summary ($(( $(date +%s) - START ))s of ${TOTAL}s; logs in $LOGS)"
-printf '%s\n' "${SUMMARY[@]}"
-echo
-echo "results written:"
-find bench/results -newermt "@$START" -type f | sort
-grep -h "knob that bought the most" "$LOGS"/bench-train-*.log 2>/dev/null || true
+cat "$OUTDIR/summary.txt"
+grep -h "knob that bought the most" "$LOGS"/bench-train*.log 2>/dev/null
+echo "outputs: $OUTDIR ($(ls "$OUTDIR" | tr '\n' ' '))"
+exit $FAILED

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastcd.bench.results import peak_memory, record
+from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.errors import FastcdError
 from fastcd.losses.cd import cd_eager
 from fastcd.losses.gkd import gkd_eager
@@ -20,6 +20,7 @@ from fastcd.losses.gkd import gkd_eager
 STAGE_CHANNELS = (64, 128, 256, 512)  # ResNet-18 and ResNet-34 (the connectors map to the teacher's)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
+LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=224, help="input side; stages are /4 .. /32")
     parser.add_argument("--classes", type=int, default=1000, help="logit width for the GKD loss")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="memory layouts of the CD maps (default both)")
     parser.add_argument("--impls", nargs="+", default=["eager", "compile", "triton", "cuda"],
                         choices=["eager", "compile", "triton", "cuda"])
     parser.add_argument("--cpu", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1 (proves it runs; times mean nothing)")
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/results/")
+    parser.add_argument("--no-record", action="store_true", help="do not append to the results folder")
+    add_out_argument(parser)
 
 
 def timer(fn: Callable[[], object], device: torch.device) -> list[float]:
@@ -115,12 +119,12 @@ def measure(loss_fn: Callable[[], torch.Tensor], grad_of: list[torch.Tensor], nb
     return out
 
 
-def bench_cd(batch: int, size: int, dtype: torch.dtype, impls: dict, device: torch.device,
+def bench_cd(batch: int, size: int, dtype: torch.dtype, layout: str, impls: dict, device: torch.device,
              copy_gbs: float) -> dict:
     shapes = [(batch, c, size // 4 >> i, size // 4 >> i) for i, c in enumerate(STAGE_CHANNELS)]
-    stu = [torch.randn(s, device=device, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
-           for s in shapes]
-    tea = [torch.randn(s, device=device, dtype=dtype).to(memory_format=torch.channels_last) for s in shapes]
+    fmt = LAYOUTS[layout]
+    stu = [torch.randn(s, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_() for s in shapes]
+    tea = [torch.randn(s, device=device, dtype=dtype).to(memory_format=fmt) for s in shapes]
     nbytes = 3 * sum(s.numel() for s in stu) * stu[0].element_size()  # read s, t; write grad_s
     return {name: measure(lambda f=f: f(stu, tea), stu, nbytes, device, copy_gbs) for name, f in impls.items()}
 
@@ -168,13 +172,16 @@ def run(args: argparse.Namespace) -> int:
     cd_fns, gkd_fns = cd_impls(names), gkd_impls(names)
     results = []
     for batch in batches:
-        cd = bench_cd(batch, size, dtype, cd_fns, device, copy_gbs)
-        report(f"CD loss, batch {batch}, {size} px, {args.dtype}, channels_last, forward+backward", cd)
+        for layout in args.layouts:
+            cd = bench_cd(batch, size, dtype, layout, cd_fns, device, copy_gbs)
+            report(f"CD loss, batch {batch}, {size} px, {args.dtype}, {layout}, forward+backward", cd)
+            results.append({"loss": "cd", "batch": batch, "image_size": size, "dtype": args.dtype, "layout": layout,
+                            "impls": cd})
         gkd = bench_gkd(batch, classes, dtype, gkd_fns, device, copy_gbs)
         report(f"GKD loss, batch {batch}, {classes} classes, {args.dtype}, forward+backward", gkd)
-        results.append({"batch": batch, "image_size": size, "classes": classes, "dtype": args.dtype,
-                        "cd": cd, "gkd": gkd})
-    if not args.cpu and not args.no_record:
-        path = record("kernels", {"copy_GBps": round(copy_gbs, 1), "runs": results, **peak_memory()})
+        results.append({"loss": "gkd", "batch": batch, "classes": classes, "dtype": args.dtype, "impls": gkd})
+    if not args.no_record and (args.out or not args.cpu):  # interpreter times only into an explicit --out
+        path = record("kernels", {"copy_GBps": round(copy_gbs, 1), "interpreter": args.cpu, "runs": results,
+                                  **peak_memory()}, args.out)
         print(f"\nrecorded in {path}")
     return 0

@@ -4,39 +4,58 @@ All read the same images (train split, RandomResizedCrop + flip at --res, normal
 `raw-ffcv` is ffcv's Loader with the same decoders, normalised by two torch ops; `raw-dali` is a DALI
 pipeline with `fn.readers.webdataset` and the same operators; `imagefolder` reads the source tree the
 prepared data came from. Each runs in its own fresh process: one warm-up epoch (ffcv compiles with
-numba), then --epochs timed epochs; peak host memory is that process's (and its workers'). When OUT
-holds no prepared data, an ImageNet-like tree of --images JPEGs (bench/prepare.py's generator) is
-prepared into it first.
+numba), then --epochs timed epochs; peak host memory is that process's (and its workers'), peak GPU
+memory that process's. fastcd's backends deliver to --device (default: the GPU when there is one):
+there the `torch` backend decodes each batch on the GPU (nvjpeg) and `dali` uses its mixed decoder,
+and the clock stops only when the GPU is done. A backend whose process fails or dies gets a row saying
+so. When PREPARED holds no prepared data, an ImageNet-like tree of --images JPEGs (bench/prepare.py's
+generator) is prepared into it first, in the formats this machine can write (no `.beton` without ffcv).
 """
 from __future__ import annotations
 
 import argparse
 import os
-import tempfile
+import queue as queue_module
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
 
-from fastcd.bench.results import peak_memory, record
+from fastcd.bench.prepare import generated_dataset
+from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.config import DataConfig
 from fastcd.data import LoaderContext, build_loader
-from fastcd.data_prep.manifest import load_manifest, manifest_path
+from fastcd.data_prep.manifest import load_manifest
 from fastcd.errors import FastcdError
 
 BACKENDS = ["imagefolder", "torch", "ffcv", "raw-ffcv", "dali", "raw-dali"]
+FASTCD = ("imagefolder", "torch", "ffcv", "dali")  # delivered to --device; the raw libraries stay on the CPU
 RAW_OF = {"ffcv": "raw-ffcv", "dali": "raw-dali"}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def device_of(name: str) -> torch.device:
+    """`auto` is the GPU when there is one."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FastcdError("--device cuda: no CUDA device is visible")
+    return torch.device(name)
+
+
 def _fastcd_epochs(backend: str, path: str, args: argparse.Namespace, classes: int):
+    device = device_of(args.device)
     cfg = DataConfig(backend=backend, path=path, batch_size=args.batch, workers=args.workers, res=args.res)
-    loader = build_loader(cfg, "train", LoaderContext(torch.device("cpu"), num_classes=classes))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what training asks for there
+    loader = build_loader(cfg, "train", LoaderContext(device, dtype, num_classes=classes))
 
     def run_epoch(e: int) -> int:
         loader.set_epoch(e)
-        return sum(len(labels) for _, labels in loader)
+        n = sum(len(labels) for _, labels in loader)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # intentional sync: the epoch ends when the GPU is done
+        return n
     return run_epoch
 
 
@@ -91,7 +110,15 @@ def _raw_dali_epochs(out: Path, args: argparse.Namespace):
 
 
 def _measure(queue, backend: str, out: str, src: str, args: argparse.Namespace, classes: int) -> None:
-    """In a fresh process: warm-up epoch, then timed epochs of `backend`; puts a result row on `queue`."""
+    """In a fresh process: `_timed` of `backend`, or a row naming the error it raised."""
+    try:
+        queue.put(_timed(backend, out, src, args, classes))
+    except Exception as e:  # recorded as this backend's row: the others still run
+        queue.put({"backend": backend, "status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
+
+
+def _timed(backend: str, out: str, src: str, args: argparse.Namespace, classes: int) -> dict:
+    """Warm-up epoch, then timed epochs of `backend`: its result row."""
     torch.set_num_threads(args.workers)
     if backend == "raw-ffcv":
         run_epoch = _raw_ffcv_epochs(Path(out), args)
@@ -105,30 +132,52 @@ def _measure(queue, backend: str, out: str, src: str, args: argparse.Namespace, 
         n += run_epoch(e)
     seconds = time.perf_counter() - start
     mem = peak_memory()
-    queue.put({"backend": backend, "images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
-               "host_peak_mib": round(mem["host_peak_mib"] + mem["children_host_peak_mib"], 1)})
+    row = {"backend": backend, "status": "ok", "device": str(device_of(args.device)) if backend in FASTCD else "cpu",
+           "images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
+           "host_peak_mib": round(mem["host_peak_mib"] + mem["children_host_peak_mib"], 1)}
+    if "gpu_peak_mib" in mem:
+        row["gpu_peak_mib"] = mem["gpu_peak_mib"]
+    return row
 
 
-def _prepared(out: Path, args: argparse.Namespace) -> dict:
-    """OUT's manifest, preparing a generated ImageNet-like tree into OUT first when OUT is empty."""
-    if not manifest_path(out).is_file():
-        from fastcd.bench.prepare import generate
-        from fastcd.data_prep.prepare import prepare
-
-        src = generate(Path(tempfile.gettempdir()) / f"fastcd-bench-loader-{args.images}", args.images, args.workers)
-        print(f"preparing {args.images} generated images from {src} into {out}")
-        prepare(src, out, splits=["train"], workers=args.workers, progress=False)
-    return load_manifest(out)
+def _result(proc, queue, backend: str) -> dict:
+    """The row `proc` puts on `queue`, or a failed row if it dies without one."""
+    while True:
+        try:
+            return queue.get(timeout=1.0)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:
+                    return queue.get(timeout=1.0)  # put just before it exited
+                except queue_module.Empty:
+                    return {"backend": backend, "status": "failed",
+                            "reason": f"its process died (exit code {proc.exitcode})"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="prepared OUT folder (generated and prepared when it holds no manifest)")
+    parser.add_argument("prepared", metavar="PREPARED",
+                        help="a `fastcd prepare` OUT folder (generated and prepared first when it holds no manifest)")
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where fastcd's backends deliver batches (auto: the GPU when there is one)")
     parser.add_argument("--res", type=int, default=224)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers/threads")
-    parser.add_argument("--images", type=int, default=2000, help="images to generate when OUT is empty")
+    parser.add_argument("--images", type=int, default=2000, help="images to generate when PREPARED is empty")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
+    add_out_argument(parser)
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| backend | device | img/s | vs imagefolder | vs raw library | peak host MiB | peak GPU MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['backend']} | {r['status']}: {r['reason']} | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r['device']} | {r['images_per_s']:.0f} | {r.get('vs_imagefolder', '-')} "
+                     f"| {r.get('vs_raw', '-')} | {r['host_peak_mib']:.0f} | {r.get('gpu_peak_mib', '-')} |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise FastcdError(f"--backends: unknown {unknown[0]!r}; choose from {','.join(BACKENDS)}")
-    out = Path(args.out)
-    manifest = _prepared(out, args)
+    device_of(args.device)
+    out = Path(args.prepared)
+    manifest = generated_dataset(out, args.images, args.workers)
     src = manifest["options"]["src"]
     if "imagefolder" in backends and not (Path(src) / "train").is_dir():
         raise FastcdError(f"imagefolder needs the source tree {src}/train that {out} was prepared from")
@@ -147,20 +197,24 @@ def run(args: argparse.Namespace) -> int:
         queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(queue, backend, str(out), src, args, len(manifest["classes"])))
         proc.start()
-        rows.append(queue.get())
-        proc.join()
-        print(f"{backend:12s} {rows[-1]['images_per_s']:8.1f} img/s   peak host {rows[-1]['host_peak_mib']:.0f} MiB")
-    speed = {r["backend"]: r["images_per_s"] for r in rows}
+        rows.append(_result(proc, queue, backend))
+        proc.join(timeout=30)
+        if proc.is_alive():  # hung on its way out (e.g. loader workers after an error): it has reported
+            proc.kill()
+        r = rows[-1]
+        print(f"{backend:12s} " + (f"{r['images_per_s']:8.1f} img/s   peak host {r['host_peak_mib']:.0f} MiB"
+                                   if r["status"] == "ok" else f"{r['status']}: {r['reason']}"), flush=True)
+    speed = {r["backend"]: r["images_per_s"] for r in rows if r["status"] == "ok"}
     for r in rows:
+        if r["status"] != "ok":
+            continue
         if "imagefolder" in speed:
             r["vs_imagefolder"] = round(r["images_per_s"] / speed["imagefolder"], 3)
         if RAW_OF.get(r["backend"]) in speed:
             r["vs_raw"] = round(r["images_per_s"] / speed[RAW_OF[r["backend"]]], 3)
-    print("\n| backend | img/s | vs imagefolder | vs raw library | peak host MiB |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['backend']} | {r['images_per_s']:.0f} | {r.get('vs_imagefolder', '-')} | {r.get('vs_raw', '-')} "
-              f"| {r['host_peak_mib']:.0f} |")
-    path = record("loader", {"out": str(out), "images": manifest["splits"]["train"]["num_samples"], "res": args.res,
-                             "batch": args.batch, "workers": args.workers, "epochs": args.epochs, "rows": rows})
+    print("\n" + _table(rows))
+    path = record("loader", {"prepared": str(out), "images": manifest["splits"]["train"]["num_samples"],
+                             "res": args.res, "batch": args.batch, "workers": args.workers, "epochs": args.epochs,
+                             "device": str(device_of(args.device)), "rows": rows}, args.out)
     print(f"recorded to {path}")
     return 0

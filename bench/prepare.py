@@ -9,6 +9,7 @@ formats <= 1.3x) and peak memory.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import shutil
@@ -22,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from fastcd.bench.results import record
+from fastcd.bench.results import add_out_argument, record
+from fastcd.data_prep.manifest import load_manifest, manifest_path
 from fastcd.data_prep.prepare import JPEG_QUALITY, MAX_SIDE
 
 DEFAULT_IMAGES = 3000
@@ -73,6 +75,28 @@ def generate(root: Path, images: int, workers: int, seed: int = 0) -> Path:
         pool.map(partial(_generate_one, root, seed), range(images), chunksize=32)
     done.touch()
     return root
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports here (ffcv and nvidia.dali are missing on some machines)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def generated_dataset(out: Path, images: int, workers: int) -> dict:
+    """The manifest of the prepared folder `out`; when it holds none, `images` generated JPEGs (cached in the
+    temp folder) are prepared into it first, in the formats this machine can write (no `.beton` without ffcv)."""
+    if not manifest_path(out).is_file():
+        from fastcd.data_prep.prepare import prepare
+
+        src = generate(Path(tempfile.gettempdir()) / f"fastcd-bench-jpegs-{images}", images, workers)
+        formats = ["ffcv", "dali"] if importable("ffcv") else ["dali"]
+        print(f"preparing {images} generated JPEGs from {src} into {out} ({', '.join(formats)})", flush=True)
+        prepare(src, out, formats=formats, splits=["train"], workers=workers, progress=False)
+    return load_manifest(out)
 
 
 class _FilesDataset:
@@ -157,6 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side", type=int, default=MAX_SIDE)
     parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where the generated images live ({CACHE})")
+    add_out_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,6 +214,6 @@ def run(args: argparse.Namespace) -> int:
           f"CPU time {'met' if both['cpu_ratio_vs_ffcv'] <= 1.3 else 'NOT met'}")
     path = record("prepare", {"images": args.images, "workers": args.workers, "repeats": args.repeats,
                               "max_side": args.max_side,
-                              "jpeg_quality": args.jpeg_quality, "results": results, "goal_met": goal})
+                              "jpeg_quality": args.jpeg_quality, "results": results, "goal_met": goal}, args.out)
     print(f"recorded in {path}")
     return 0

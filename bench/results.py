@@ -1,6 +1,7 @@
 """Record benchmark results: one JSON file per kind, machine and day under bench/results/, appended to."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import resource
@@ -24,9 +25,16 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def record(kind: str, result: dict, results_dir: Path | None = None) -> Path:
-    """Append `result` (with machine, date and commit) to `<date>-<machine>-<kind>.json`; return its path."""
-    results_dir = results_dir or RESULTS_DIR
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """`--out DIR`: where a benchmark appends its results (default bench/results/)."""
+    parser.add_argument("--out", default="", metavar="DIR", help=f"results folder (default {RESULTS_DIR})")
+
+
+def record(kind: str, result: dict, results_dir: str | Path | None = None) -> Path:
+    """Append `result` (with machine, date and commit) to `<date>-<machine>-<kind>.json` in `results_dir`
+    (default bench/results/); return its path."""
+    results_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
     day = _dt.date.today().isoformat()
     path = results_dir / f"{day}-{machine_name()}-{kind}.json"
     runs = json.loads(path.read_text()) if path.exists() else []

@@ -23,14 +23,15 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from fastcd.bench.results import RESULTS_DIR, peak_memory, record
+from fastcd.bench.prepare import generated_dataset, importable
+from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.config import Config, add_set_argument, load_config
 from fastcd.data import BatchLoader, LoaderContext, build_loader
 from fastcd.engine.runtime import seed_everything, setup_runtime
@@ -45,7 +46,18 @@ CPU_DEFAULTS = ["student.width=0.25", "teacher.width=0.25", "data.res=64", "data
                 "data.min_res=0", "data.max_res=0", "data.batch_size=64",
                 f"data.workers={os.cpu_count() or 1}"]
 LOADER_BACKENDS = ("torch", "ffcv", "dali")
+LIBRARY_OF = {"ffcv": "ffcv", "dali": "nvidia.dali"}  # the library a loader backend needs
 DATA_CACHE = Path(tempfile.gettempdir()) / "fastcd-bench-train"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The prepared folder the loader rows read, the ImageFolder tree it came from, its classes and formats."""
+
+    out: Path
+    src: Path
+    classes: int
+    formats: tuple[str, ...]
 
 
 @dataclass
@@ -115,19 +127,15 @@ def _build_step(cfg: Config, cuda_graphs: bool) -> tuple[DistillStep, BatchLoade
 
 
 def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> dict:
-    """Time `warmup + steps` steps of `cfg`; images/s and per-phase milliseconds of the timed ones."""
+    """Time `warmup + steps` steps of `cfg`; images/s and per-phase milliseconds of the timed ones. With
+    `cuda_graphs`, two more steps run under the profiler to count the CUDA graphs they launched."""
     step, loader = _build_step(cfg, cuda_graphs)
     cuda = step.rt.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     clock, batches = PhaseClock(step.rt.device), _endless(loader)
-    batch = cfg.data.batch_size
-    wall = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()  # intentional sync: start of the timed steps
-            wall = time.perf_counter()
+
+    def one_step(keep: bool) -> None:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         clock.mark()
@@ -143,7 +151,16 @@ def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> 
         clock.mark()
         step.optimizer_step()
         clock.mark()
-        clock.end_step(keep=i >= warmup)
+        clock.end_step(keep)
+
+    batch = cfg.data.batch_size
+    wall = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()  # intentional sync: start of the timed steps
+            wall = time.perf_counter()
+        one_step(keep=i >= warmup)
     if cuda:
         torch.cuda.synchronize()  # intentional sync: end of the timed steps
     wall = time.perf_counter() - wall
@@ -151,10 +168,24 @@ def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> 
     step_ms = [sum(p) for p in per_step]
     phases = {name: round(statistics.median(p[k] for p in per_step), 3) for k, name in enumerate(PHASES)}
     median = statistics.median(step_ms)
-    return {"images_per_s": round(batch / (median / 1e3), 1),
-            "images_per_s_wall": round(batch * steps / wall, 1), "step_ms": round(median, 3),
-            "step_ms_mean": round(statistics.mean(step_ms), 3),
-            "wall_ms_per_step": round(wall * 1e3 / steps, 3), "phases_ms": phases, **peak_memory()}
+    result = {"images_per_s": round(batch / (median / 1e3), 1),
+              "images_per_s_wall": round(batch * steps / wall, 1), "step_ms": round(median, 3),
+              "step_ms_mean": round(statistics.mean(step_ms), 3), "wall_ms_per_step": round(wall * 1e3 / steps, 3),
+              "phases_ms": phases, "data_share": round(phases["data"] / median, 4), **peak_memory()}
+    if cuda_graphs:
+        result["cuda_graph_launches"] = graph_launches(lambda: one_step(keep=False))
+    return result
+
+
+def graph_launches(one_step: Callable[[], None], steps: int = 2) -> int:
+    """How many CUDA graphs `steps` calls of `one_step` launch (0: compiled code ran without graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            one_step()
+        torch.cuda.synchronize()  # intentional sync: end of the profiled steps
+    return sum(e.count for e in prof.key_averages() if "cudaGraphLaunch" in e.key)
 
 
 def _free() -> None:
@@ -170,34 +201,36 @@ def _impl_overrides(cfg: Config, impl: str) -> list[str]:
             if "impl" in loss_params(s.loss_name)]
 
 
-def prepared_data(path: str, images: int) -> tuple[Path, Path, int]:
-    """(prepared OUT, its ImageFolder source, class count); generates and prepares `images` JPEGs when
-    `path` is empty (cached under the temp folder)."""
-    from fastcd.data_prep.manifest import load_manifest, manifest_path
-
+def prepared_data(path: str, images: int) -> PreparedData:
+    """The prepared folder `path` (default: under the temp folder); when it holds no manifest, `images`
+    generated JPEGs are prepared into it first."""
     out = Path(path) if path else DATA_CACHE / f"prepared-{images}"
-    if not manifest_path(out).is_file():
-        if path:
-            raise FastcdError(f"--data-path {path!r} holds no manifest.json; give a `fastcd prepare` OUT")
-        from fastcd.bench.prepare import generate
-        from fastcd.data_prep.prepare import prepare
-
-        src = generate(DATA_CACHE / f"jpegs-{images}", images, os.cpu_count() or 1)
-        print(f"preparing {images} generated JPEGs from {src} into {out}")
-        prepare(src, out, splits=["train"], progress=False)
-    manifest = load_manifest(out)
+    manifest = generated_dataset(out, images, os.cpu_count() or 1)
     src = Path(manifest["options"]["src"])
     if not (src / "train").is_dir():
         raise FastcdError(f"the ImageFolder baseline needs {src}/train, the tree {out} was prepared from")
-    return out, src, len(manifest["classes"])
+    train = manifest["splits"]["train"]
+    formats = tuple(f for f, key in (("ffcv", "beton"), ("dali", "shards")) if train.get(key))
+    return PreparedData(out, src, len(manifest["classes"]), formats)
 
 
-def ablation(cfg: Config, cuda: bool, data: tuple[Path, Path, int] | None, skip: set[str]) -> list[Knob]:
+def loader_skip(backend: str, data: PreparedData | None) -> str | None:
+    """Why the loader row of `backend` cannot run here, or None."""
+    if data is None:
+        return "--data synthetic (use --data loader to compare loaders)"
+    library = LIBRARY_OF.get(backend)
+    if library and not importable(library):
+        return f"{library} is not installed here"
+    needs = "ffcv" if backend == "ffcv" else "dali"  # the torch and dali backends read the shards
+    return None if needs in data.formats else f"{data.out} was prepared without the {needs} format"
+
+
+def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str]) -> list[Knob]:
     """The original configuration, then one knob at a time (each row keeps the previous rows' knobs)."""
     original = ["train.amp=fp32", "train.channels_last=false", "optim.fused=false", "train.compile=false",
                 *_impl_overrides(cfg, "eager"), *(["teacher.fold_bn=false"] if cfg.teacher else [])]
     if data:
-        original += ["data.backend=imagefolder", f"data.path={data[1]}"]
+        original += ["data.backend=imagefolder", f"data.path={data.src}"]
     no_teacher = "no teacher in this config" if cfg.teacher is None else None
     knobs = [
         Knob("original", original),
@@ -210,9 +243,8 @@ def ablation(cfg: Config, cuda: bool, data: tuple[Path, Path, int] | None, skip:
         Knob("teacher BN folded", ["teacher.fold_bn=true"],
              skip=no_teacher or (None if cfg.teacher.bn_mode == "eval" else "bn_mode=train cannot fold")),
         Knob("torch.compile", ["train.compile=true"]),
-        *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={data[0] if data else ''}"],
-               skip=None if data else "--data synthetic (use --data loader to compare loaders)", alternative=True)
-          for b in LOADER_BACKENDS],
+        *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={data.out if data else ''}"],
+               skip=loader_skip(b, data), alternative=True) for b in LOADER_BACKENDS],
         Knob("CUDA graphs", cuda_graphs=True, skip=None if cuda else "CUDA graphs need a GPU"),
     ]
     unknown = skip - {k.name for k in knobs[1:]}
@@ -227,20 +259,21 @@ def ablation(cfg: Config, cuda: bool, data: tuple[Path, Path, int] | None, skip:
 
 def _row_line(row: dict, base: float | None) -> str:
     if row["status"] != "ok":
-        return f"| {row['knob']} | {row['status']}: {row['reason']} |" + " |" * 11
+        return f"| {row['knob']} | {row['status']}: {row['reason']} |" + " |" * 12
     p = row["phases_ms"]
     shares = " | ".join(f"{p[k]:.1f}" for k in PHASES)
     gpu = f"{row['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in row else "-"
     return (f"| {row['knob']} | {row['images_per_s']:.0f} | {row['images_per_s'] / base:.2f}x | "
-            f"{row['vs_previous']:.2f}x | {row['step_ms']:.1f} | {shares} | {row['host_peak_mib']:.0f} "
-            f"| {gpu} |")
+            f"{row['vs_previous']:.2f}x | {row['step_ms']:.1f} | {shares} | {100 * row['data_share']:.1f} "
+            f"| {row['host_peak_mib']:.0f} | {gpu} |")
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: images/s, ratio to the original and to the previous row, median ms per phase, peak memory."""
+    """Markdown: images/s, ratio to the original and to the previous row, median ms per phase, the data
+    wait's share of the step, peak memory."""
     base = next((r["images_per_s"] for r in rows if r["status"] == "ok"), None)
     head = ("| knob | img/s | vs original | vs previous | step ms | " + " | ".join(f"{p} ms" for p in PHASES)
-            + " | host peak MiB | GPU peak MiB |")
+            + " | data % | host peak MiB | GPU peak MiB |")
     lines = [head, "|" + " -- |" * (head.count("|") - 1)]
     lines += [_row_line(r, base) for r in rows]
     return "\n".join(lines)
@@ -275,21 +308,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=["synthetic", "loader"], default="synthetic",
                         help="synthetic: on-device data, no decode; loader (with --ablation): generated JPEGs "
                              "read by ImageFolder, then by each prepared-data backend")
-    parser.add_argument("--data-path", default="", help="prepared OUT folder for --data loader (default: "
-                        "generate --images JPEGs and prepare them, cached under the temp folder)")
+    parser.add_argument("--data-path", default="", help="prepared OUT folder for --data loader (generated from "
+                        "--images JPEGs when it holds no manifest; default: cached under the temp folder)")
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate for --data loader")
     add_set_argument(parser, "config override (after the CPU size defaults)")
     parser.add_argument("--ablation", action="store_true", help="the original, then one knob at a time")
     parser.add_argument("--skip", default="", help="comma list of ablation knobs to skip, e.g. torch.compile")
-    parser.add_argument("--out", default="", help=f"results folder (default {RESULTS_DIR})")
+    add_out_argument(parser)
 
 
-def _base_config(args: argparse.Namespace, cuda: bool,
-                 data: tuple[Path, Path, int] | None) -> tuple[Config, list[str]]:
+def _base_config(args: argparse.Namespace, cuda: bool, data: PreparedData | None) -> tuple[Config, list[str]]:
     """The benchmarked config (random teacher, CPU size defaults, data, the user's --set), its overrides."""
     overrides = ["teacher.weights=none", "train.progress=false"]
     overrides += [] if cuda else ["train.device=cpu", *CPU_DEFAULTS]
-    overrides += [f"{part}.num_classes={data[2]}" for part in ("student", "teacher")] if data else []
+    overrides += [f"{part}.num_classes={data.classes}" for part in ("student", "teacher")] if data else []
     if not data:
         overrides.append("data.backend=synthetic")
     overrides += args.overrides
@@ -323,6 +355,11 @@ def run_knobs(knobs: list[Knob], config: str, overrides: list[str], warmup: int,
             break
         finally:
             _free()
+        if knob.cuda_graphs and not result.get("cuda_graph_launches"):
+            rows.append({"knob": knob.name, "status": "failed", **result,
+                         "reason": "no CUDA graph was launched: torch.compile ran its kernels one by one"})
+            print(f"{knob.name:20s} failed: no CUDA graph was launched")
+            continue
         added += knob.overrides
         if not knob.alternative:
             before_group = None
@@ -362,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
                 "teacher": f"{cfg.teacher.arch} x{cfg.teacher.width}" if cfg.teacher else None}
     path = record("train", {**settings, "ablation": args.ablation, "rows": rows,
                             "best_knob": best["knob"] if best else None},
-                  Path(args.out) if args.out else None)
+                  args.out)
     title = (f"{Path(args.config).name}: batch {cfg.data.batch_size}, {cfg.data.res} px, "
              f"{settings['student']} <- {settings['teacher']}, {'GPU' if cuda else 'CPU'}")
     report = (f"# Training step, {title}\n\nsettings: `{settings}`\n\n{text}\n\nEach row keeps the knobs above it; "

@@ -103,10 +103,11 @@ def test_loader_rows_are_compared_with_the_row_before_them(tmp_path, monkeypatch
     def fake_measure(cfg, warmup, steps, cuda_graphs=False):
         seen.append(cfg.data.backend)
         return {"images_per_s": next(speeds), "step_ms": 1.0, "phases_ms": dict.fromkeys(PHASES, 0.1),
-                "host_peak_mib": 1.0}
+                "data_share": 0.1, "host_peak_mib": 1.0}
 
     monkeypatch.setattr(bench, "measure", fake_measure)
-    monkeypatch.setattr(bench, "prepared_data", lambda path, images: (tmp_path / "out", tmp_path / "src", 4))
+    data = bench.PreparedData(tmp_path / "out", tmp_path / "src", 4, ("ffcv", "dali"))
+    monkeypatch.setattr(bench, "prepared_data", lambda path, images: data)
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
     assert main(["bench", "train", str(cfg_path), "--ablation", "--data", "loader", "--out", str(tmp_path)]) == 0
@@ -129,7 +130,7 @@ def test_an_interrupt_keeps_the_rows_done(tmp_path, monkeypatch):
         if len(calls) == 3:
             raise KeyboardInterrupt
         return {"images_per_s": 10.0 * len(calls), "step_ms": 1.0, "phases_ms": dict.fromkeys(PHASES, 0.1),
-                "host_peak_mib": 1.0}
+                "data_share": 0.1, "host_peak_mib": 1.0}
 
     monkeypatch.setattr(bench, "measure", fake_measure)
     cfg_path = tmp_path / "tiny.yaml"

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def test_cd_cuda_extension_compiles_and_loads(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # no GPU to detect: build for Hopper
-    ext = load_jit(str(tmp_path / "build"))
+    # TORCH_EXTENSIONS_DIR set (the GPU suite builds there in the background): reuse that build
+    ext = load_jit(None if os.environ.get("TORCH_EXTENSIONS_DIR") else str(tmp_path / "build"))
     assert callable(ext.cd_forward) and callable(ext.cd_backward)
     if not torch.cuda.is_available():
         return
@@ -40,13 +41,14 @@ AOT_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastcd.kernels import cd_triton as C, gkd_triton as G
+from fastcd.kernels import cd_triton as C, crop_triton as R, gkd_triton as G
 b16, f32p, i, f = "*bf16", "*fp32", "i32", "fp32"
 kernels = [
     (C._cd_forward_kernel, [b16, i, i, i, b16, i, i, i, f32p, f32p, i, i, f, f], {"BLOCK_C": 32, "BLOCK_HW": 64}),
     (C._cd_backward_kernel, [f32p, f32p, b16, i, i, i, f], {"CHANNELS_LAST": True, "BLOCK": 1024}),
     (G._gkd_forward_kernel, [b16, i, b16, i, "*i64", f32p, f32p, i, i, f, f], {"BLOCK_K": 1024}),
     (G._gkd_backward_kernel, [f32p, f32p, f32p, b16, i], {"BLOCK": 1024}),
+    (R._crop_resize_kernel, ["*u8", "*i64", f32p, b16, i, i, f, f, f, f, f, f], {"BLOCK": 256}),
 ]
 for fn, types, consts in kernels:
     sig = dict(zip(fn.arg_names, types + ["constexpr"] * len(consts)))
