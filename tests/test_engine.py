@@ -130,6 +130,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
                                                                    "metrics.jsonl", "run.json"]
     history = load_checkpoint(tmp_path / "ddp" / "latest.pt")["history"]
     assert len(history) == 2 and proc.stdout.count("epoch 2/2") == 1  # only rank 0 logs
+    assert proc.stdout.count("best val top-1/top-5 error") == 1  # the summary, once
 
 
 def test_a_new_run_refuses_a_folder_that_holds_another(tiny_config, tmp_path, capsys):

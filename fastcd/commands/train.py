@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fastcd.config import add_set_argument, load_config
+from fastcd.engine.runtime import is_main_process
 from fastcd.engine.trainer import train
 
 
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
-    if history:
+    if history and is_main_process():
         best = min(history, key=lambda r: r["val_top1_err"])
         print(f"{cfg.name}: best val top-1/top-5 error {best['val_top1_err']:.2f}/{best['val_top5_err']:.2f} "
               f"(epoch {best['epoch']}); checkpoints in {cfg.out_path}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     amp_dtype: torch.dtype = torch.float32
+    owns_group: bool = False  # this run joined the process group (and leaves it: distributed.teardown)
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +44,8 @@ class Runtime:
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Resolve `train.device`/`train.amp`; join the torchrun process group (NCCL on GPU, gloo on CPU)."""
+    """Resolve `train.device`/`train.amp`; join the torchrun process group (NCCL on GPU, gloo on CPU), whose
+    collectives give up after `train.dist_timeout_s`."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device
@@ -57,9 +60,16 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[amp])
+    owns = world_size > 1 and not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
+    return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[amp], owns)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a single process (valid before and after the process group)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def seed_everything(seed: int) -> None:

@@ -20,6 +20,7 @@ from fastcd.config import Config
 from fastcd.data import LoaderContext, build_loader
 from fastcd.data.base import BatchLoader
 from fastcd.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from fastcd.engine.distributed import describe_failure, first_nonfinite, is_collective_failure, teardown
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.metrics import Meter
 from fastcd.engine.resume import check_resumable, restore
@@ -67,7 +68,7 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
                compile_mode: str | None = None) -> tuple[StudentWithConnectors, DistillStep]:
     """The plain student (+connectors) and the training step over it: losses, models, optimizer,
     per-iteration lr schedule and GradScaler, restored from `ckpt` if given, then wrapped
-    (`torch.compile` with `compile_mode`, DDP under torchrun)."""
+    (DDP under torchrun, then `torch.compile` with `compile_mode`)."""
     losses = [build_loss(s.loss_name, s.params).to(rt.device) for s in cfg.loss_list]
     model, teacher = build_models(cfg, rt, any("conn_feats" in loss.inputs for loss in losses))
     optimizer = build_optimizer(cfg, model, rt)
@@ -76,13 +77,13 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
     if ckpt is not None:
         restore(ckpt, model, optimizer, scheduler, scaler)
     trained: torch.nn.Module = model
-    if compile_mode is not None:
-        trained = torch.compile(model, mode=compile_mode)
-        teacher = torch.compile(teacher, mode=compile_mode) if teacher is not None else None
     if rt.distributed:
         partial = any(loss.partial_connectors for loss in losses)
-        trained = DistributedDataParallel(trained, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+        trained = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                                           find_unused_parameters=partial)
+    if compile_mode is not None:  # compile(DDP(model)): dynamo keeps DDP's buckets and their overlap
+        trained = torch.compile(trained, mode=compile_mode)
+        teacher = torch.compile(teacher, mode=compile_mode) if teacher is not None else None
     return model, DistillStep(trained, teacher, losses, optimizer, scheduler, scaler, rt)
 
 
@@ -92,12 +93,15 @@ def loss_weights(cfg: Config, epoch: int) -> list[float]:
                               cfg.train.dataset_type, cfg.train.epochs) for s in cfg.loss_list]
 
 
-def _raise_if_nonfinite(meter: Meter, cfg: Config, epoch: int, latest: Path) -> None:
-    bad = int(meter.bad_step)  # intentional sync: log time only
-    if bad >= 0:
-        values = ", ".join(f"{s.loss_name}={v:.4g}" for s, v in zip(cfg.loss_list, meter.bad_terms.tolist()))
+def _raise_if_nonfinite(meter: Meter, cfg: Config, rt: Runtime, epoch: int, latest: Path) -> None:
+    """Every rank raises the same error when any rank met a non-finite loss (intentional sync: log time)."""
+    found = first_nonfinite(meter, rt)
+    if found is not None:
+        bad, rank, terms = found
+        values = ", ".join(f"{s.loss_name}={v:.4g}" for s, v in zip(cfg.loss_list, terms))
+        where = f" on rank {rank}" if rt.distributed else ""
         kept = f"the last good checkpoint {str(latest)!r} is kept" if latest.exists() else "no checkpoint yet"
-        raise FastcdError(f"non-finite loss at epoch {epoch}, step {bad}: {values}; training stopped, {kept}")
+        raise FastcdError(f"non-finite loss at epoch {epoch}, step {bad}{where}: {values}; training stopped, {kept}")
 
 
 def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config, rt: Runtime, epoch: int,
@@ -115,7 +119,7 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
         logits, terms, total = step(images, labels)
         meter.update(terms, total, logits, labels, first_step + i)
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
-            _raise_if_nonfinite(meter, cfg, epoch, latest)  # intentional syncs: log time only
+            _raise_if_nonfinite(meter, cfg, rt, epoch, latest)  # intentional syncs: log time only
             bar.set_postfix(loss=f"{meter.read()['total']:.4f}",
                             img_s=f"{meter.sums[-1].item() * rt.world_size / (time.perf_counter() - start):.0f}")
         bar.update()
@@ -141,10 +145,21 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
           force: bool = False) -> list[dict[str, Any]]:
     """Train `cfg`; return the per-epoch history. `resume` continues from `<out>/latest.pt` exactly; a new
     run into a folder that holds another is an error unless `force` (which removes the old run's files)."""
-    out = cfg.out_path
-    check_run_folder(out, resume, force)
+    check_run_folder(cfg.out_path, resume, force)
     rt = setup_runtime(cfg.train)
+    try:
+        return _train(cfg, rt, resume, stop_after_epoch)
+    except RuntimeError as e:
+        if rt.distributed and is_collective_failure(e):
+            raise FastcdError(describe_failure(rt, e, cfg.train.dist_timeout_s)) from e
+        raise
+    finally:
+        teardown(rt)
+
+
+def _train(cfg: Config, rt: Runtime, resume: bool, stop_after_epoch: int | None) -> list[dict[str, Any]]:
     seed_everything(cfg.train.seed)
+    out = cfg.out_path
     latest, best_path = out / "latest.pt", out / "best.pt"
 
     # Data
