@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from fastcd.data_prep.beton import WRITE_MODES, write_beton
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_path, write_manifest
 from fastcd.data_prep.normalise import Normalised, normalise_item
+from fastcd.data_prep.pool import Lost, WorkerPool
 from fastcd.data_prep.shards import ShardWriter, sample_key, shard_name
 from fastcd.data_prep.sources import Source, SplitSource, open_source
 from fastcd.data_prep.state import RunState
@@ -35,6 +35,7 @@ MAX_SIDE = 512
 JPEG_QUALITY = 90
 SHARD_SAMPLES = 1000
 STRICT_NAMES_SHOWN = 5
+ITEM_SECONDS = 600  # a file whose decoding takes longer is skipped (its worker is replaced)
 
 
 def _check(formats: Sequence[str], max_side: int, jpeg_quality: int, workers: int, shard_samples: int,
@@ -63,17 +64,12 @@ def _digest(options: dict, source: Source) -> str:
     return sha.hexdigest()
 
 
-def _normalised(split: SplitSource, shards: list[int], shard_samples: int, max_side: int, quality: int,
-                workers: int) -> Iterator[Normalised]:
-    """Normalise the samples of `shards`, in order, over `workers` processes."""
+def _normalised(pool: WorkerPool, split: SplitSource, shards: list[int], shard_samples: int) -> Iterator[Normalised]:
+    """Normalise the samples of `shards`, in order, in the pool's processes."""
     n = len(split.names)
     items = (split.items[i] for s in shards for i in range(s * shard_samples, min(n, (s + 1) * shard_samples)))
-    work = partial(normalise_item, max_side=max_side, quality=quality)
-    if workers == 1:
-        yield from map(work, items)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(work, items, chunksize=16)
+    for result in pool.map(items):
+        yield Normalised(None, note=result.reason) if isinstance(result, Lost) else result
 
 
 def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: Path, stem: str,
@@ -121,7 +117,7 @@ def _finished_shard(state: RunState, split: str, folder: Path, stem: str) -> dic
 
 
 def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, opts: dict,
-                   workers: int, progress: bool) -> tuple[list[dict], Counter]:
+                   pool: WorkerPool, progress: bool) -> tuple[list[dict], Counter]:
     """Write (or resume) every shard of `split`; return the shard records, in order, and outcome counts."""
     size, n = opts["shard_samples"], len(split.names)
     folder = out / split.name if dali else state.staging(split.name)
@@ -129,7 +125,7 @@ def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, o
     records = [_finished_shard(state, split.name, folder, stem) for stem in stems]
     todo = [s for s, r in enumerate(records) if r is None]
     todo_count = sum(min(n, (s + 1) * size) - s * size for s in todo)
-    results = _normalised(split, todo, size, opts["max_side"], opts["jpeg_quality"], workers)
+    results = _normalised(pool, split, todo, size)
     counts: Counter = Counter()
     with tqdm(total=todo_count, unit="img", desc=f"{split.name}", disable=not progress, smoothing=0.1) as bar:
         first_key = 0
@@ -172,6 +168,27 @@ def _summary(name: str, entry: dict, seconds: float) -> str:
             f"{sum(stats.values()) / max(seconds, 1e-9):.0f} img/s")
 
 
+def _prepare_split(split: SplitSource, out: Path, state: RunState, formats: list[str], opts: dict,
+                   pool: WorkerPool, strict: bool, progress: bool) -> dict:
+    """Convert one split into the asked formats; return its manifest entry."""
+    start = time.perf_counter()
+    records, counts = _convert_split(split, out, state, "dali" in formats, opts, pool, progress)
+    skipped = split.skipped + [s for r in records for s in r["skipped"]]
+    if strict and skipped:
+        raise _strict_failure(split.name, skipped)
+    beton = _beton(split.name, out, state, records, opts, pool.workers) if "ffcv" in formats else None
+    shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
+               "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"]}
+              for r in records if r["num_samples"]] if "dali" in formats else []
+    entry = {"num_samples": sum(r["num_samples"] for r in records), "beton": beton, "shards": shards,
+             "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
+             "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
+    entry["stats"]["skipped"] = len(skipped)
+    if progress:
+        print(_summary(split.name, entry, time.perf_counter() - start), file=sys.stderr)
+    return entry
+
+
 def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
             splits: Sequence[str] | None = None, max_side: int = MAX_SIDE, jpeg_quality: int = JPEG_QUALITY,
             workers: int | None = None, shard_samples: int = SHARD_SAMPLES, labels: str | None = None,
@@ -201,22 +218,10 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
             return manifest
     state = RunState(out, digest)
     entries = {}
-    for name, split in source.splits.items():
-        start = time.perf_counter()
-        records, counts = _convert_split(split, out, state, "dali" in formats, opts, workers, progress)
-        skipped = split.skipped + [s for r in records for s in r["skipped"]]
-        if strict and skipped:
-            raise _strict_failure(name, skipped)
-        beton = _beton(name, out, state, records, opts, workers) if "ffcv" in formats else None
-        shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
-                   "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"]}
-                  for r in records if r["num_samples"]] if "dali" in formats else []
-        entries[name] = {"num_samples": sum(r["num_samples"] for r in records), "beton": beton, "shards": shards,
-                         "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
-                         "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
-        entries[name]["stats"]["skipped"] = len(skipped)
-        if progress:
-            print(_summary(name, entries[name], time.perf_counter() - start), file=sys.stderr)
+    pool = WorkerPool(partial(normalise_item, max_side=max_side, quality=jpeg_quality), workers, ITEM_SECONDS)
+    with pool:
+        for name, split in source.splits.items():
+            entries[name] = _prepare_split(split, out, state, formats, opts, pool, strict, progress)
     manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
                 "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
     write_manifest(out, manifest)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,14 @@ def make_tree(root: Path, rng: np.random.Generator, classes: list[str], per_clas
                 (folder / name).write_bytes(jpeg_bytes(random_image(rng, w, h)))
             expected[split] += [(f"{split}/{cls}/{n}", label) for n in sorted(p.name for p in folder.iterdir())]
     return expected
+
+
+def doubled_unless_poisoned(x: int) -> int:
+    """For the worker-pool test: 2x, but item 3 kills its process, item 5 hangs and item 7 raises."""
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x == 5:
+        time.sleep(3600)
+    if x == 7:
+        raise ValueError("seven")
+    return 2 * x

@@ -24,10 +24,19 @@ from fastcd.data_prep import prepare as prepare_module
 from fastcd.data_prep.labels import read_labels
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest
 from fastcd.data_prep.normalise import normalise_bytes, normalise_file
+from fastcd.data_prep.pool import Lost, WorkerPool
 from fastcd.data_prep.prepare import prepare
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError
-from tests.prepare_fixtures import BAD_FILES, huge_jpeg, jpeg_bytes, make_tree, random_image, write_bad_files
+from tests.prepare_fixtures import (
+    BAD_FILES,
+    doubled_unless_poisoned,
+    huge_jpeg,
+    jpeg_bytes,
+    make_tree,
+    random_image,
+    write_bad_files,
+)
 
 MAX_SIDE = 96
 SHARD = 7
@@ -314,6 +323,21 @@ def test_non_regular_files_are_never_opened(tmp_path):
     assert reasons == {"fifo.JPEG": "not a regular file (a FIFO)",
                        "loop.JPEG": "cannot read file (Too many levels of symbolic links)",
                        "dev.JPEG": "not a regular file (a character device)"}
+
+
+def test_worker_pool_survives_a_dying_or_stuck_worker():
+    with WorkerPool(doubled_unless_poisoned, workers=2, item_seconds=2, chunksize=4) as pool:
+        start = time.monotonic()
+        got = list(pool.map(range(12)))
+        assert time.monotonic() - start < 30
+        assert got[3] == Lost("the worker decoding it killed by SIGKILL")
+        assert got[5] == Lost("the worker decoding it took more than 2 s")
+        assert got[7] == Lost("ValueError: seven")
+        assert [g for i, g in enumerate(got) if i not in (3, 5, 7)] == [2 * i for i in range(12) if i not in (3, 5, 7)]
+        abandoned = pool.map(range(100, 200))
+        assert next(abandoned) == 200
+        abandoned.close()
+        assert list(pool.map([1, 2])) == [2, 4]  # nothing left over from the abandoned map
 
 
 def test_labels_file_layouts(tmp_path):
