@@ -53,7 +53,7 @@ START=$(date +%s)
 : >"$OUTDIR/steps.jsonl"
 rm -f "$OUTDIR/summary.txt" "$OUTDIR/results.tar.gz" "$OUTDIR/logs.tar.gz"
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=$W/ext
-[ $DRY = 1 ] && export TRITON_INTERPRET=1 TMPDIR=$W
+if [ $DRY = 1 ]; then export TRITON_INTERPRET=1 TMPDIR=$W; else export FASTCD_CUDA_JIT=1; fi  # JIT: reuse the build
 
 CONFIG=configs/imagenet/s_resnet18.t_resnet34.cd.kdv2.lrdv2.yaml
 if [ $DRY = 1 ]; then

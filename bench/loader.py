@@ -192,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     if "imagefolder" in backends and not (Path(src) / "train").is_dir():
         raise FastcdError(f"imagefolder needs the source tree {src}/train that {out} was prepared from")
     rows = []
-    ctx = get_context("fork")  # a fresh process per backend; fork keeps DataLoader workers forked, not spawned
+    # A fresh process per backend: forked on a CPU (its DataLoader workers are forked too); spawned when it
+    # may use the GPU, since CUDA does not survive a fork of a process that has touched it.
+    ctx = get_context("spawn" if device_of(args.device).type == "cuda" else "fork")
     for backend in backends:
         queue = ctx.Queue()
         proc = ctx.Process(target=_measure, args=(queue, backend, str(out), src, args, len(manifest["classes"])))

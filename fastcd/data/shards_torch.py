@@ -99,8 +99,8 @@ class ShardsTorchLoader(IndexedLoader):
         return out, labels.to(dev, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.device_decode:
-            yield from _prefetched(self.loader, self._device_batch, self.ctx.device)
+        if self.device_decode:  # the workers start here, in this thread, before the decode thread does
+            yield from _prefetched(iter(self.loader), self._device_batch, self.ctx.device)
             return
         for images, labels in self.loader:
             images = images.to(self.ctx.device, non_blocking=True)
@@ -108,9 +108,9 @@ class ShardsTorchLoader(IndexedLoader):
                    labels.to(self.ctx.device, non_blocking=True))
 
 
-def _prefetched(loader: DataLoader, make: Callable[..., tuple[Tensor, Tensor]],
+def _prefetched(batches: Iterator[tuple], make: Callable[..., tuple[Tensor, Tensor]],
                 device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """`make(*batch)` for each batch of `loader`, run `PREFETCH` batches ahead in a thread (on its own
+    """`make(*batch)` for each of `batches`, run `PREFETCH` batches ahead in a thread (on its own
     CUDA stream, which the consumer's stream waits for). Errors are raised in the consumer; stopping
     early stops the thread."""
     cuda = device.type == "cuda"
@@ -130,7 +130,7 @@ def _prefetched(loader: DataLoader, make: Callable[..., tuple[Tensor, Tensor]],
     def produce() -> None:
         try:
             with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                for batch in loader:
+                for batch in batches:
                     out = make(*batch)
                     event = torch.cuda.Event() if cuda else None
                     if cuda:

@@ -11,15 +11,16 @@ import torch
 
 
 def git_commit() -> str:
-    """The checkout's HEAD commit (with '+dirty' if it has uncommitted changes), or 'unknown'."""
+    """The checkout's HEAD commit (with '+dirty' if it has uncommitted changes); outside a checkout, the
+    FASTCD_COMMIT environment variable, else 'unknown'."""
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # not a checkout (e.g. a copy on a GPU machine)
+        return os.environ.get("FASTCD_COMMIT", "unknown")
     return head + ("+dirty" if dirty else "")
 
 
