@@ -169,6 +169,7 @@ class TrainConfig:
     log_every: int = _at_least(1, 50)
     max_steps_per_epoch: int = _at_least(0, 0)
     progress: bool = True
+    tensorboard: bool = False  # also log the scalars to <out>/tensorboard (needs the tensorboard package)
     dist_timeout_s: float = _positive(600.0)  # DDP: a collective waits this long for a silent rank, then fails
 
 

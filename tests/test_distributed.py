@@ -34,15 +34,15 @@ if os.environ["RANK"] == "1":
 """
 
 
-def launch(tmp_path: Path, patch: str, *overrides: str) -> subprocess.Popen:
-    """torchrun, 2 processes, training the tiny config with `overrides`; stdout/stderr to files in tmp_path."""
+def launch(tmp_path: Path, patch: str, *overrides: str, command: tuple[str, ...] = ("train",)) -> subprocess.Popen:
+    """torchrun, 2 processes, `fastcd <command>` on the tiny config with `overrides`; stdout/stderr to files."""
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER.format(patch=patch))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     torchrun = Path(sys.executable).with_name("torchrun")
-    return subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), "train",
+    return subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), *command,
                              str(cfg_path), "--set", *overrides], env=env, text=True,
                             stdout=open(tmp_path / "stdout", "w"), stderr=open(tmp_path / "stderr", "w"))
 
@@ -109,3 +109,15 @@ def test_the_collective_timeout_must_be_positive(tiny_config, value):
 
     with pytest.raises(FastcdError, match="train.dist_timeout_s must be > 0"):
         tiny_config(f"train.dist_timeout_s={value}")
+
+
+def test_eval_under_torchrun_prints_once_and_leaves_the_group(tmp_path, tiny_config):
+    from fastcd.engine.trainer import train
+
+    cfg = tiny_config("train.epochs=1", "train.max_steps_per_epoch=1")
+    train(cfg)
+    proc = launch(tmp_path, "", "train.epochs=1", command=("eval", "--checkpoint", str(cfg.out_path / "best.pt")))
+    assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    out = (tmp_path / "stdout").read_text()
+    assert out.count("top-1 error") == 1
+    assert "rank 0 exit 0 group destroyed" in out and "rank 1 exit 0 group destroyed" in out

@@ -8,6 +8,7 @@ import torch
 from fastcd.config import add_set_argument, load_config
 from fastcd.data import LoaderContext, build_loader
 from fastcd.engine.checkpoint import load_checkpoint
+from fastcd.engine.distributed import teardown
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.runtime import setup_runtime
 from fastcd.errors import FastcdError
@@ -27,12 +28,17 @@ def run(args: argparse.Namespace) -> int:
     if s["num_classes"] != cfg.student.num_classes:
         raise FastcdError(f"checkpoint has {s['num_classes']} classes, the config's data {cfg.student.num_classes}")
     rt = setup_runtime(cfg.train)
-    model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])
-    model.load_state_dict(ckpt["model"])
-    model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-    ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
-                        rt.rank, rt.world_size, cfg.train.seed)
-    result = evaluate(model, build_loader(cfg.data, "val", ctx), rt, cfg.data.flip_tta)
+    try:
+        model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])
+        model.load_state_dict(ckpt["model"])
+        model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+        ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
+                            rt.rank, rt.world_size, cfg.train.seed)
+        result = evaluate(model, build_loader(cfg.data, "val", ctx), rt, cfg.data.flip_tta)
+    finally:
+        teardown(rt)
+    if not rt.is_main:
+        return 0
     print(f"{args.checkpoint}: top-1 error {result['top1_err']:.2f}  top-5 error {result['top5_err']:.2f}  "
           f"({result['samples']} images, {s['arch']})")
     return 0

@@ -42,7 +42,12 @@ class Meter:
 
     def read(self) -> dict[str, float | list[float]]:
         """Means over samples (host values: syncs with the device)."""
-        s = self.sums.tolist()  # intentional sync: log time only
+        return self.read_since(None)[0]
+
+    def read_since(self, mark: list[float] | None) -> tuple[dict[str, float | list[float]], list[float]]:
+        """Means over the samples since `mark` (an earlier returned mark; None: all), and the new mark."""
+        now = self.sums.tolist()  # intentional sync: log time only
+        s = [a - b for a, b in zip(now, mark)] if mark is not None else now
         n = max(s[-1], 1.0)
-        return {"terms": [v / n for v in s[:-4]], "total": s[-4] / n,
-                "top1_err": 100 * (1 - s[-3] / n), "top5_err": 100 * (1 - s[-2] / n), "samples": int(s[-1])}
+        return {"terms": [v / n for v in s[:-4]], "total": s[-4] / n, "top1_err": 100 * (1 - s[-3] / n),
+                "top5_err": 100 * (1 - s[-2] / n), "samples": int(s[-1])}, now

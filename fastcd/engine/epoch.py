@@ -1,0 +1,77 @@
+"""One training epoch: the steps, the per-step records at log time, the non-finite check."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fastcd.config import Config
+from fastcd.data.base import BatchLoader
+from fastcd.engine.distributed import first_nonfinite
+from fastcd.engine.metrics import Meter
+from fastcd.engine.runtime import Runtime
+from fastcd.engine.sinks import MetricsLog
+from fastcd.engine.step import DistillStep
+from fastcd.engine.timing import DataWait
+from fastcd.errors import FastcdError
+
+
+def raise_if_nonfinite(meter: Meter, cfg: Config, rt: Runtime, epoch: int, latest: Path) -> None:
+    """Every rank raises the same error when any rank met a non-finite loss (intentional sync: log time)."""
+    found = first_nonfinite(meter, rt)
+    if found is not None:
+        bad, rank, terms = found
+        values = ", ".join(f"{s.loss_name}={v:.4g}" for s, v in zip(cfg.loss_list, terms))
+        where = f" on rank {rank}" if rt.distributed else ""
+        kept = f"the last good checkpoint {str(latest)!r} is kept" if latest.exists() else "no checkpoint yet"
+        raise FastcdError(f"non-finite loss at epoch {epoch}, step {bad}{where}: {values}; training stopped, {kept}")
+
+
+def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config, rt: Runtime, epoch: int,
+                weights: list[float], latest: Path, log: MetricsLog) -> dict[str, Any]:
+    """One epoch of `steps` iterations, a `kind: step` record every `train.log_every` steps (rank 0's share
+    of the batch); returns the epoch's train statistics (over every rank)."""
+    first_step = (epoch - 1) * steps
+    meter = Meter(len(step.losses), rt.device)
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
+               disable=not (cfg.train.progress and rt.is_main))
+    batches, wait = iter(loader), DataWait(rt.device)
+    start = time.perf_counter()
+    mark, mark_time, mark_wait = None, start, 0.0
+    for i in range(steps):
+        wait.start()
+        images, labels = next(batches)
+        wait.stop()
+        logits, terms, total = step(images, labels)
+        meter.update(terms, total, logits, labels, first_step + i)
+        if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
+            raise_if_nonfinite(meter, cfg, rt, epoch, latest)  # intentional syncs: log time only
+            interval, mark = meter.read_since(mark)
+            now, waited = time.perf_counter(), wait.read()
+            record = {"epoch": epoch, "step": first_step + i + 1, "loss": interval["total"],
+                      "losses": interval["terms"], "weights": weights, "lr": step.optimizer.param_groups[0]["lr"],
+                      "images_per_s": interval["samples"] * rt.world_size / (now - mark_time),
+                      "data_wait_s": waited - mark_wait}
+            mark_time, mark_wait = now, waited
+            log.step(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        bar.update()
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    bar.close()
+    meter.reduce()
+    stats = meter.read()
+    return {**stats, "images_per_s": stats["samples"] / elapsed, "data_wait_s": wait.read(), "time_s": elapsed}
+
+
+def format_record(record: dict[str, Any], cfg: Config) -> str:
+    losses = ", ".join(f"{s.loss_name} {v:.4f}x{w:g}" for s, v, w in
+                       zip(cfg.loss_list, record["losses"], record["weights"]))
+    return (f"epoch {record['epoch']}/{cfg.train.epochs}  loss {record['loss']:.4f} ({losses})  "
+            f"train err {record['train_top1_err']:.2f}/{record['train_top5_err']:.2f}  "
+            f"val err {record['val_top1_err']:.2f}/{record['val_top5_err']:.2f}  "
+            f"{record['images_per_s']:.0f} img/s")

@@ -1,0 +1,94 @@
+"""Where a run's scalars go while it trains: `metrics.jsonl`, and TensorBoard when `train.tensorboard` is on.
+
+`metrics.jsonl` holds one JSON object per line: `kind: step` every `train.log_every` steps (the interval's
+mean loss and each loss's, the loss weights, lr, images/s, data-wait seconds; `step` counts optimizer steps
+from 1) and `kind: epoch` after each evaluation (the epoch's record, as in the checkpoint's history).
+It is a log, appended line by line: a crash loses at most a torn last line, and a resume first rewrites
+it (atomically) without the records after its checkpoint. TensorBoard gets the same scalars under
+`train/...`, `loss/<i>_<name>`, `weight/<i>_<name>`, `val/...`, with the optimizer step as x axis.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastcd.config import Config
+from fastcd.errors import FastcdError
+from fastcd.utils.atomic import atomic_write_bytes
+
+
+def require_tensorboard() -> None:
+    """A one-line error when `train.tensorboard` is on and the package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise FastcdError("train.tensorboard=true needs the tensorboard package (pip install tensorboard; it is in "
+                          "requirements.txt), or set train.tensorboard=false") from None
+
+
+def _kept_lines(path: Path, last_epoch: int) -> list[str]:
+    """The whole records of `path` up to and including epoch `last_epoch`."""
+    kept = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash
+            continue
+        if record.get("epoch", 0) <= last_epoch:
+            kept.append(line + "\n")
+    return kept
+
+
+class MetricsLog:
+    """The run's sinks on rank 0 (`enabled`); a no-op on the other ranks."""
+
+    def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int) -> None:
+        self.enabled, self.names = enabled, [f"{i}_{s.loss_name}" for i, s in enumerate(cfg.loss_list)]
+        self.steps_per_epoch, self.writer = steps_per_epoch, None
+        if not enabled:
+            return
+        out = cfg.out_path
+        self.path = out / "metrics.jsonl"
+        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch)).encode())
+        self.file = open(self.path, "a")  # noqa: SIM115 (closed by close())
+        if cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * steps_per_epoch + 1)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def _scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def step(self, record: dict[str, Any]) -> None:
+        """A `kind: step` record (see the module docstring)."""
+        if not self.enabled:
+            return
+        self._append({"kind": "step", **record})
+        if self.writer is not None:
+            self._scalars({"train/loss": record["loss"], "train/lr": record["lr"],
+                           "train/images_per_s": record["images_per_s"], "train/data_wait_s": record["data_wait_s"],
+                           **{f"loss/{n}": v for n, v in zip(self.names, record["losses"])},
+                           **{f"weight/{n}": w for n, w in zip(self.names, record["weights"])}}, record["step"])
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """A `kind: epoch` record, after the epoch's evaluation."""
+        if not self.enabled:
+            return
+        self._append(record)
+        if self.writer is not None:
+            self._scalars({"val/top1_err": record["val_top1_err"], "val/top5_err": record["val_top5_err"],
+                           "train/top1_err": record["train_top1_err"], "train/top5_err": record["train_top5_err"],
+                           "train/epoch_loss": record["loss"]}, record["epoch"] * self.steps_per_epoch)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()

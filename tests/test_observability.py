@@ -1,0 +1,63 @@
+"""What a run reports while it trains: per-step and per-epoch records in metrics.jsonl, and TensorBoard."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from fastcd.engine.trainer import train
+from fastcd.errors import FastcdError
+
+STEP_KEYS = {"kind", "epoch", "step", "loss", "losses", "weights", "lr", "images_per_s", "data_wait_s"}
+
+
+def records(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.out_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_per_step_scalars_and_per_epoch_records_in_metrics_jsonl(tiny_config):
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=4", "train.log_every=2")
+    history = train(cfg)
+    lines = records(cfg)
+    assert [(r["kind"], r.get("step", r["epoch"])) for r in lines] == [
+        ("step", 2), ("step", 4), ("epoch", 1), ("step", 6), ("step", 8), ("epoch", 2)]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert all(set(r) == STEP_KEYS for r in steps)
+    assert all(len(r["losses"]) == len(r["weights"]) == 3 and r["images_per_s"] > 0 and r["data_wait_s"] >= 0
+               for r in steps)
+    assert [r["epoch"] for r in steps] == [1, 1, 2, 2] and steps[0]["weights"] == history[0]["weights"]
+    assert [r for r in lines if r["kind"] == "epoch"] == history
+    assert all(r["val_top1_err"] is not None for r in history)
+
+
+def test_a_resume_drops_the_records_after_its_checkpoint(tiny_config):
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=4", "train.log_every=2")
+    train(cfg, stop_after_epoch=1)
+    with open(cfg.out_path / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then a torn line
+        f.write(json.dumps({"kind": "step", "epoch": 2, "step": 6}) + "\n" + '{"kind": "st')
+    train(cfg, resume=True)
+    assert [(r["kind"], r.get("step", r["epoch"])) for r in records(cfg)] == [
+        ("step", 2), ("step", 4), ("epoch", 1), ("step", 6), ("step", 8), ("epoch", 2)]
+
+
+def test_tensorboard_gets_the_same_scalars_and_the_validation_error(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=4", "train.log_every=2", "train.tensorboard=true")
+    history = train(cfg)
+    events = EventAccumulator(str(cfg.out_path / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_s", "train/data_wait_s", "loss/0_CELoss",
+            "weight/2_CDLoss", "val/top1_err", "val/top5_err"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.value for e in events.Scalars("val/top1_err")] == pytest.approx([r["val_top1_err"] for r in history])
+
+
+def test_tensorboard_asked_for_but_not_installed_is_a_one_line_error(tiny_config, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    cfg = tiny_config("train.tensorboard=true")
+    with pytest.raises(FastcdError, match=r"train.tensorboard=true needs the tensorboard package \(pip install"):
+        train(cfg)
+    assert not (cfg.out_path / "latest.pt").exists()
