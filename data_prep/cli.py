@@ -59,8 +59,12 @@ def run(args: argparse.Namespace) -> int:
                        ffcv_compress_probability=args.ffcv_compress_probability)
     for name, split in manifest["splits"].items():
         if split["skipped"]:
-            print(f"{name}: skipped {len(split['skipped'])} unreadable file(s), e.g. "
+            print(f"{name}: skipped {len(split['skipped'])} file(s) or folder(s), e.g. "
                   f"{split['skipped'][0]['path']} ({split['skipped'][0]['reason']}); see manifest.json",
                   file=sys.stderr)
+        if split["empty_classes"]:
+            empty = split["empty_classes"]
+            print(f"{name}: no usable image in {len(empty)} class(es): {', '.join(empty[:5])}"
+                  f"{' ...' if len(empty) > 5 else ''}; see manifest.json", file=sys.stderr)
     print(f"wrote {args.out}/manifest.json")
     return 0

@@ -79,7 +79,7 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
     folder.mkdir(parents=True, exist_ok=True)
     tmp_tar, tmp_idx = folder / f".{stem}.tar.tmp", folder / f".{stem}.idx.tmp"
     writer = ShardWriter(tmp_tar, tmp_idx)
-    skipped, repaired, counts = [], [], Counter()
+    skipped, repaired, counts, per_class = [], [], Counter(), Counter()
     try:
         for i in range(lo, hi):
             r = next(results)
@@ -91,13 +91,15 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
             if r.outcome == "repaired":
                 repaired.append({"path": split.names[i], "action": f"{r.note}; saved as RGB JPEG"})
             writer.add(sample_key(first_key + writer.num_samples), r.jpeg, split.labels[i])
+            per_class[split.labels[i]] += 1
     except BaseException:
         writer.abort()
         tmp_tar.unlink(missing_ok=True)
         raise
     sha256 = writer.close()
     record = {"num_samples": writer.num_samples, "first_key": first_key, "sha256": sha256,
-              "skipped": skipped, "repaired": repaired, "counts": dict(counts)}
+              "skipped": skipped, "repaired": repaired, "counts": dict(counts),
+              "classes": {str(label): n for label, n in sorted(per_class.items())}}
     if writer.num_samples:
         os.replace(tmp_idx, idx)
         os.replace(tmp_tar, tar)
@@ -164,24 +166,35 @@ def _strict_failure(split: str, skipped: list[dict]) -> FastcdError:
 def _summary(name: str, entry: dict, seconds: float) -> str:
     stats = entry["stats"]
     parts = ", ".join(f"{v} {k}" for k, v in stats.items() if v)
+    empty = f"; no usable image in {len(entry['empty_classes'])} class(es)" if entry["empty_classes"] else ""
     return (f"{name}: {entry['num_samples']} samples ({parts}) in {seconds:.1f} s, "
-            f"{sum(stats.values()) / max(seconds, 1e-9):.0f} img/s")
+            f"{sum(stats.values()) / max(seconds, 1e-9):.0f} img/s{empty}")
 
 
-def _prepare_split(split: SplitSource, out: Path, state: RunState, formats: list[str], opts: dict,
-                   pool: WorkerPool, strict: bool, progress: bool) -> dict:
+def _no_samples(split: str, skipped: list[dict]) -> FastcdError:
+    first = f"; the first skipped: {skipped[0]['path']} ({skipped[0]['reason']})" if skipped else ""
+    return FastcdError(f"split {split} has no usable image ({len(skipped)} file(s) skipped{first}); "
+                       f"check SRC, or leave the split out with --splits")
+
+
+def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: RunState, formats: list[str],
+                   opts: dict, pool: WorkerPool, strict: bool, progress: bool) -> dict:
     """Convert one split into the asked formats; return its manifest entry."""
     start = time.perf_counter()
     records, counts = _convert_split(split, out, state, "dali" in formats, opts, pool, progress)
     skipped = split.skipped + [s for r in records for s in r["skipped"]]
     if strict and skipped:
         raise _strict_failure(split.name, skipped)
+    if not any(r["num_samples"] for r in records):
+        raise _no_samples(split.name, skipped)
+    present = {int(label) for r in records for label in r["classes"]}
     beton = _beton(split.name, out, state, records, opts, pool.workers) if "ffcv" in formats else None
     shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
                "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"]}
               for r in records if r["num_samples"]] if "dali" in formats else []
     entry = {"num_samples": sum(r["num_samples"] for r in records), "beton": beton, "shards": shards,
              "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
+             "empty_classes": [c for i, c in enumerate(classes) if i not in present],
              "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
     entry["stats"]["skipped"] = len(skipped)
     if progress:
@@ -221,7 +234,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
     pool = WorkerPool(partial(normalise_item, max_side=max_side, quality=jpeg_quality), workers, ITEM_SECONDS)
     with pool:
         for name, split in source.splits.items():
-            entries[name] = _prepare_split(split, out, state, formats, opts, pool, strict, progress)
+            entries[name] = _prepare_split(split, source.classes, out, state, formats, opts, pool, strict, progress)
     manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
                 "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
     write_manifest(out, manifest)

@@ -39,6 +39,11 @@ class Source:
     splits: dict[str, SplitSource]
 
 
+def shown(name: str) -> str:
+    """A file name as printable text: bytes that are not UTF-8 appear as `\\xNN` (the manifest is JSON)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _entries(folder: Path) -> tuple[list[str], list[str]]:
     """Sorted visible sub-folder names and file names of `folder`."""
     dirs, files = [], []
@@ -51,16 +56,21 @@ def _entries(folder: Path) -> tuple[list[str], list[str]]:
 
 def _tree_split(src: Path, split: str, folder: Path, classes: list[str]) -> SplitSource:
     index = {c: i for i, c in enumerate(classes)}
-    items, names, labels = [], [], []
-    for cls in _entries(folder)[0]:
+    class_dirs, stray = _entries(folder)
+    out = SplitSource(split, [], [], [], [{"path": shown(f"{split}/{name}"), "reason": "not inside a class folder"}
+                                          for name in stray])
+    for cls in class_dirs:
         if cls not in index:
             raise FastcdError(f"{folder / cls} is a class folder missing from the class list taken from "
                               f"{src}/train; every split must use the training classes")
-        for name in _entries(folder / cls)[1]:
-            items.append(str(folder / cls / name))
-            names.append(f"{split}/{cls}/{name}")
-            labels.append(index[cls])
-    return SplitSource(split, items, names, labels)
+        sub_dirs, files = _entries(folder / cls)
+        out.skipped += [{"path": shown(f"{split}/{cls}/{d}/"), "reason": "a folder inside a class folder (not read: "
+                         "images must lie directly in the class folder)"} for d in sub_dirs]
+        for name in files:
+            out.items.append(str(folder / cls / name))
+            out.names.append(shown(f"{split}/{cls}/{name}"))
+            out.labels.append(index[cls])
+    return out
 
 
 def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes: list[str]) -> SplitSource:
@@ -71,13 +81,13 @@ def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes:
     for name in _entries(folder)[1]:
         cls = label_for(name, by_name)
         if cls is None:
-            out.skipped.append({"path": prefix + name, "reason": f"no label in {labels_file.name}"})
+            out.skipped.append({"path": shown(prefix + name), "reason": f"no label in {labels_file.name}"})
             continue
         if cls not in index:
             raise FastcdError(f"{labels_file}: class {cls!r} of {name} is not one of the {len(classes)} "
                               f"classes (class folders of {src}/train, or the classes in the labels file)")
         out.items.append(str(folder / name))
-        out.names.append(prefix + name)
+        out.names.append(shown(prefix + name))
         out.labels.append(index[cls])
     return out
 

@@ -1,9 +1,10 @@
 """Bookkeeping that lets an interrupted `fastcd prepare` resume: `OUT/.prepare/`.
 
-`plan.json` holds the digest of the source listing and the output-affecting options; each
-finished shard and `.beton` leaves a small JSON record, written after its files were renamed into
-place. A re-run with the same digest trusts exactly the recorded outputs; the folder is removed
-once the manifest is written.
+`plan.json` holds the digest of the source listing and the output-affecting options, and the
+layout version of the records; each finished shard and `.beton` leaves a small JSON record,
+written after its files were renamed into place. A re-run with the same digest keeps exactly the
+recorded outputs (records of another layout version are dropped: those outputs are redone); the
+folder is removed once the manifest is written.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_write_json
 
 WORK_DIR = ".prepare"
+STATE_VERSION = 2  # the layout of the records; older records are dropped, not misread
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -31,6 +33,8 @@ class RunState:
     def __init__(self, out: Path, digest: str):
         self.dir = out / WORK_DIR
         plan = self.dir / "plan.json"
+        if plan.is_file() and json.loads(plan.read_text()).get("state_version") != STATE_VERSION:
+            shutil.rmtree(self.dir)  # written by another fastcd: its outputs are redone
         if plan.is_file() and json.loads(plan.read_text()).get("digest") != digest:
             raise FastcdError(f"{out} holds an unfinished run of `fastcd prepare` with another source or "
                               f"other options; re-run it with the same arguments, or delete {self.dir}")
@@ -42,7 +46,7 @@ class RunState:
         if self.dir.is_dir():
             for tmp in self.dir.rglob(".*.tmp"):
                 tmp.unlink()
-        atomic_write_json(plan, {"digest": digest})
+        atomic_write_json(plan, {"digest": digest, "state_version": STATE_VERSION})
 
     def staging(self, split: str) -> Path:
         """Where shards go when the DALI format was not asked for (removed at the end)."""

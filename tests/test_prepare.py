@@ -188,10 +188,9 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     _same_outputs(dataset.out, out)
 
 
-def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    calls = []
-    real_write_shard, real_write_beton = prepare_module._write_shard, prepare_module.write_beton
+def _stopped_after_two_shards(src: Path, out: Path, monkeypatch) -> None:
+    """Run prepare into `out` and interrupt it while it writes its third shard."""
+    calls, real_write_shard = [], prepare_module._write_shard
 
     def shard_then_stop(*args, **kwargs):
         calls.append(1)
@@ -199,14 +198,21 @@ def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_write_shard(*args, **kwargs)
 
+    with monkeypatch.context() as patch:
+        patch.setattr(prepare_module, "_write_shard", shard_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(src, out, workers=1, **OPTIONS)
+
+
+def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_write_beton = prepare_module.write_beton
+
     def beton_then_stop(path, *args, **kwargs):
         real_write_beton(path, *args, **kwargs)
         raise KeyboardInterrupt  # the .beton is complete under its temporary name, not yet renamed
 
-    monkeypatch.setattr(prepare_module, "_write_shard", shard_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        prepare(dataset.src, out, workers=1, **OPTIONS)
-    monkeypatch.setattr(prepare_module, "_write_shard", real_write_shard)
+    _stopped_after_two_shards(dataset.src, out, monkeypatch)
     monkeypatch.setattr(prepare_module, "write_beton", beton_then_stop)
     with pytest.raises(KeyboardInterrupt):
         prepare(dataset.src, out, workers=1, **OPTIONS)
@@ -215,6 +221,17 @@ def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
     prepare(dataset.src, out, workers=1, **OPTIONS)
     _same_outputs(dataset.out, out)
     assert prepare(dataset.src, out, workers=1, **OPTIONS)["digest"] == dataset.manifest["digest"]
+
+
+def test_records_of_an_older_layout_are_redone(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _stopped_after_two_shards(dataset.src, out, monkeypatch)
+    plan = out / ".prepare" / "plan.json"
+    plan.write_text(json.dumps({"digest": json.loads(plan.read_text())["digest"]}))  # as an older fastcd wrote it
+    for record in (out / ".prepare" / "train").glob("*.json"):
+        record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "classes"}))
+    prepare(dataset.src, out, workers=1, **OPTIONS)
+    _same_outputs(dataset.out, out)
 
 
 def test_ffcv_only_leaves_no_shards(dataset, tmp_path):
@@ -338,6 +355,40 @@ def test_worker_pool_survives_a_dying_or_stuck_worker():
         assert next(abandoned) == 200
         abandoned.close()
         assert list(pool.map([1, 2])) == [2, 4]  # nothing left over from the abandoned map
+
+
+def test_odd_trees_are_reported(tmp_path, capsys):
+    rng = np.random.default_rng()
+    src, good = tmp_path / "src", jpeg_bytes(random_image(rng, 40, 30))
+    make_tree(src, rng, ["a", "b"], per_class=2, max_side=MAX_SIDE)
+    (src / "train" / "a" / "extra").mkdir()
+    (src / "train" / "a" / "extra" / "nested.JPEG").write_bytes(good)
+    (src / "train" / "stray.JPEG").write_bytes(good)
+    (src / "train" / os.fsdecode(b"odd\xffname.JPEG")).write_bytes(good)
+    (src / "train" / "c").mkdir()
+    (src / "train" / "c" / "broken.JPEG").write_bytes(good[:100])
+    (src / "train" / "b" / os.fsdecode(b"caf\xe9.JPEG")).write_bytes(good)  # Latin-1 name, not UTF-8
+    assert main(["prepare", str(src), str(tmp_path / "out"), "--formats", "dali", "--workers", "1",
+                 "--max-side", str(MAX_SIDE)]) == 0
+    err = capsys.readouterr().err
+    train, val = (load_manifest(tmp_path / "out")["splits"][s] for s in ("train", "val"))
+    assert {s["path"]: s["reason"].split(" (")[0] for s in train["skipped"]} == {
+        "train/stray.JPEG": "not inside a class folder", "train/odd\\xffname.JPEG": "not inside a class folder",
+        "train/a/extra/": "a folder inside a class folder", "train/c/broken.JPEG": "truncated or corrupt image data"}
+    assert train["num_samples"] == 5  # a's 2, b's 2 and b's Latin-1 name
+    assert train["empty_classes"] == ["c"] and val["empty_classes"] == ["c"]
+    assert "train: skipped 4 file(s) or folder(s)" in err and "train: no usable image in 1 class(es): c;" in err
+    assert "train: 5 samples" in err and "no usable image in 1 class(es)\n" in err  # the summary says so too
+
+
+def test_split_without_a_usable_image_fails_cleanly(tmp_path):
+    rng = np.random.default_rng()
+    make_tree(tmp_path / "src", rng, ["a"], per_class=2, max_side=MAX_SIDE, splits=("train",))
+    (tmp_path / "src" / "val" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "val" / "a" / "empty.JPEG").write_bytes(b"")
+    with pytest.raises(FastcdError, match=r"split val has no usable image \(1 file\(s\) skipped; the first "
+                                          r"skipped: val/a/empty.JPEG \(zero-byte file\)\)"):
+        prepare(tmp_path / "src", tmp_path / "out", workers=1, **OPTIONS)
 
 
 def test_labels_file_layouts(tmp_path):
