@@ -333,10 +333,10 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
 def add_set_argument(parser: argparse.ArgumentParser, help: str = "override a config field") -> None:
     """The `--set KEY=VALUE ...` option of every command: several pairs after one `--set`, and `--set` repeated."""
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help=f"{help}; several pairs may follow one --set, e.g. --set train.epochs=16 "
-                             "loss_list.1.T=4 (optim.milestones, optim.step_size and the loss-decay milestones "
-                             "count epochs of the preset's 100 (imagenet) or 200 (cifar) and scale with "
-                             "train.epochs)")
+                        help=f"{help}; several pairs may follow one --set (after the positional arguments), e.g. "
+                             "--set train.epochs=16 loss_list.1.T=4 (optim.milestones, optim.step_size and the "
+                             "loss-decay milestones count epochs of the preset's 100 (imagenet) or 200 (cifar) "
+                             "and scale with train.epochs)")
 
 
 def drop_overrides_into_null(path: str | Path, overrides: list[str]) -> list[str]:

@@ -53,7 +53,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
     out, err = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     lines = [x for x in err.splitlines() if "fastcd train: error:" in x]
     assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
-    assert "non-finite loss at epoch 1, step 0 on rank 1: CELoss=nan" in lines[0]
+    assert "non-finite loss at epoch 1, step 1 on rank 1: CELoss=nan" in lines[0]
     assert "rank 0 exit 2 group destroyed" in out and "rank 1 exit 2 group destroyed" in out
 
 

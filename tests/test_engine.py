@@ -71,7 +71,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, monkeypa
     train(cfg, stop_after_epoch=1)
     good = (cfg.out_path / "latest.pt").read_bytes()
     monkeypatch.setattr(CELoss, "forward", lambda self, s, y: s.float().sum() * float("nan"))
-    with pytest.raises(FastcdError, match=r"non-finite loss at epoch 2, step 8: CELoss=nan, KDLossv2=[\d.]+, CDLoss"):
+    with pytest.raises(FastcdError, match=r"non-finite loss at epoch 2, step 9: CELoss=nan, KDLossv2=[\d.]+, CDLoss"):
         train(cfg, resume=True)
     assert (cfg.out_path / "latest.pt").read_bytes() == good
 

@@ -46,7 +46,7 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
         images, labels = next(batches)
         wait.stop()
         logits, terms, total = step(images, labels)
-        meter.update(terms, total, logits, labels, first_step + i)
+        meter.update(terms, total, logits, labels, first_step + i + 1)  # step numbers as in the records
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
             raise_if_nonfinite(meter, cfg, rt, epoch, latest)  # intentional syncs: log time only
             interval, mark = meter.read_since(mark)

@@ -51,7 +51,7 @@ class MetricsLog:
         out = cfg.out_path
         self.path = out / "metrics.jsonl"
         atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch)).encode())
-        self.file = open(self.path, "a")  # noqa: SIM115 (closed by close())
+        self.file = open(self.path, "a")  # closed by close()
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
