@@ -15,7 +15,10 @@ from fastcd.errors import FastcdError
 
 
 def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from fastcd.data_prep.beton import WRITE_MODES, write_beton
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_path, write_manifest
 from fastcd.data_prep.normalise import Normalised, normalise_item
+from fastcd.data_prep.outdir import claimed
 from fastcd.data_prep.pool import Lost, WorkerPool
 from fastcd.data_prep.shards import ShardWriter, sample_key, shard_name
 from fastcd.data_prep.sources import Source, SplitSource, open_source
-from fastcd.data_prep.state import RunState
+from fastcd.data_prep.state import WORK_DIR, RunState, unfinished
 from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_path
 
@@ -35,18 +36,20 @@ MAX_SIDE = 512
 JPEG_QUALITY = 90
 SHARD_SAMPLES = 1000
 STRICT_NAMES_SHOWN = 5
+JPEG_MAX_SIDE = 65500  # the JPEG format's limit
 ITEM_SECONDS = 600  # a file whose decoding takes longer is skipped (its worker is replaced)
 
 
 def _check(formats: Sequence[str], max_side: int, jpeg_quality: int, workers: int, shard_samples: int,
-           ffcv_write_mode: str, ffcv_compress_probability: float) -> None:
+           limit: int | None, ffcv_write_mode: str, ffcv_compress_probability: float) -> None:
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise FastcdError(f"--formats {','.join(formats)!r}: choose one or more of {','.join(FORMATS)}")
-    checks = [(max_side >= 16, f"--max-side {max_side}: must be at least 16"),
+    checks = [(16 <= max_side <= JPEG_MAX_SIDE, f"--max-side {max_side}: must be in 16..{JPEG_MAX_SIDE}"),
               (1 <= jpeg_quality <= 100, f"--jpeg-quality {jpeg_quality}: must be in 1..100"),
               (workers >= 1, f"--workers {workers}: must be at least 1"),
               (shard_samples >= 1, f"--shard-samples {shard_samples}: must be at least 1"),
+              (limit is None or limit >= 1, f"--limit {limit}: must be at least 1 (leave it out for every sample)"),
               (ffcv_write_mode in WRITE_MODES, f"ffcv write mode {ffcv_write_mode!r}: choose from {WRITE_MODES}"),
               (0 <= ffcv_compress_probability <= 1, "ffcv compress probability must be in [0, 1]")]
     for ok, message in checks:
@@ -202,6 +205,48 @@ def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: Run
     return entry
 
 
+def _existing(out: Path, digest: str, progress: bool) -> dict | None:
+    """The manifest of a finished run into OUT with these arguments, when its outputs are all there;
+    None when there is none (or it is to be rebuilt: damaged, or of an older format)."""
+    if not manifest_path(out).is_file() or unfinished(out):
+        return None
+    try:
+        manifest = json.loads(manifest_path(out).read_text())
+    except (OSError, ValueError) as e:
+        raise FastcdError(f"{manifest_path(out)} is unreadable ({e}); delete it, or choose another OUT") from e
+    if not isinstance(manifest, dict) or manifest.get("digest") != digest:
+        raise FastcdError(f"{out} already holds a dataset prepared from another source or with other options; "
+                          f"choose another OUT, or delete {manifest_path(out)} first")
+    try:
+        load_manifest(out)
+    except FastcdError as e:
+        if progress:
+            print(f"rebuilding {out}: {e}", file=sys.stderr)
+        return None
+    return manifest
+
+
+def _prepare_locked(out: Path, source: Source, opts: dict, digest: str, workers: int, strict: bool,
+                    progress: bool) -> dict:
+    manifest = _existing(out, digest, progress)
+    if manifest is not None:
+        if progress:
+            print(f"{out} is already prepared with these arguments; nothing to do")
+        return manifest
+    state = RunState(out, digest, list(source.splits))
+    entries = {}
+    with WorkerPool(partial(normalise_item, max_side=opts["max_side"], quality=opts["jpeg_quality"]), workers,
+                    ITEM_SECONDS) as pool:
+        for name, split in source.splits.items():
+            entries[name] = _prepare_split(split, source.classes, out, state, opts["formats"], opts, pool, strict,
+                                           progress)
+    manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
+                "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
+    write_manifest(out, manifest)
+    state.finish()
+    return manifest
+
+
 def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence[str] = FORMATS,
             splits: Sequence[str] | None = None, max_side: int = MAX_SIDE, jpeg_quality: int = JPEG_QUALITY,
             workers: int | None = None, shard_samples: int = SHARD_SAMPLES, labels: str | None = None,
@@ -213,7 +258,8 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
     Returns the manifest (also written to OUT/manifest.json, last).
     """
     formats, workers = list(formats), workers or os.cpu_count() or 1
-    _check(formats, max_side, jpeg_quality, workers, shard_samples, ffcv_write_mode, ffcv_compress_probability)
+    _check(formats, max_side, jpeg_quality, workers, shard_samples, limit, ffcv_write_mode,
+           ffcv_compress_probability)
     out = Path(out)
     source = open_source(str(src), splits, str(labels) if labels else None, limit)
     opts = {"src": str(src) if str(src) == "fashion-mnist" else str(Path(src).resolve()),
@@ -222,21 +268,9 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
             "labels": str(Path(labels).resolve()) if labels else None, "limit": limit,
             "ffcv_write_mode": ffcv_write_mode, "ffcv_compress_probability": ffcv_compress_probability}
     digest = _digest(opts, source)
-    if manifest_path(out).is_file() and not (out / ".prepare").is_dir():
-        manifest = json.loads(manifest_path(out).read_text())
-        if manifest.get("digest") == digest:
-            load_manifest(out)
-            if progress:
-                print(f"{out} is already prepared with these arguments; nothing to do")
-            return manifest
-    state = RunState(out, digest)
-    entries = {}
-    pool = WorkerPool(partial(normalise_item, max_side=max_side, quality=jpeg_quality), workers, ITEM_SECONDS)
-    with pool:
-        for name, split in source.splits.items():
-            entries[name] = _prepare_split(split, source.classes, out, state, formats, opts, pool, strict, progress)
-    manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
-                "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
-    write_manifest(out, manifest)
-    state.finish()
-    return manifest
+    with claimed(out, str(src), [*source.splits, WORK_DIR]):
+        try:
+            return _prepare_locked(out, source, opts, digest, workers, strict, progress)
+        except OSError as e:
+            raise FastcdError(f"writing {e.filename or out} failed ({e.strerror}); fix that and run the same "
+                              f"command again (finished shards are kept)") from e

@@ -63,7 +63,11 @@ def _tree_split(src: Path, split: str, folder: Path, classes: list[str]) -> Spli
         if cls not in index:
             raise FastcdError(f"{folder / cls} is a class folder missing from the class list taken from "
                               f"{src}/train; every split must use the training classes")
-        sub_dirs, files = _entries(folder / cls)
+        try:
+            sub_dirs, files = _entries(folder / cls)
+        except OSError as e:
+            out.skipped.append({"path": shown(f"{split}/{cls}/"), "reason": f"cannot list the folder ({e.strerror})"})
+            continue
         out.skipped += [{"path": shown(f"{split}/{cls}/{d}/"), "reason": "a folder inside a class folder (not read: "
                          "images must lie directly in the class folder)"} for d in sub_dirs]
         for name in files:
@@ -155,7 +159,10 @@ def open_source(src: str, splits: Sequence[str] | None = None, labels_file: str 
             raise FastcdError(f"SRC {src} is not a folder; give an ImageNet-layout folder or 'fashion-mnist'")
         if labels_file is not None and not Path(labels_file).is_file():
             raise FastcdError(f"labels file {labels_file} does not exist")
-        source = _open_tree(path, splits, Path(labels_file) if labels_file else None)
+        try:
+            source = _open_tree(path, splits, Path(labels_file) if labels_file else None)
+        except OSError as e:
+            raise FastcdError(f"cannot list {e.filename} ({e.strerror}); SRC must be readable") from e
     for split in source.splits.values():
         if not split.names:
             raise FastcdError(f"split {split.name} of {src} has no files")

@@ -12,37 +12,39 @@ import json
 import shutil
 from pathlib import Path
 
-from fastcd.data_prep.manifest import MANIFEST_NAME
 from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_write_json
 
 WORK_DIR = ".prepare"
+PLAN_NAME = "plan.json"
 STATE_VERSION = 2  # the layout of the records; older records are dropped, not misread
 
 
-def remove_stale_temporaries(out: Path) -> None:
-    """Delete temporary files (`.<name>.tmp`) left by a killed run in OUT and its split folders."""
-    for folder in [out, *(p for p in out.iterdir() if p.is_dir() and p.name != WORK_DIR)]:
+def remove_stale_temporaries(out: Path, splits: list[str]) -> None:
+    """Delete temporary files (`.<name>.tmp`) left by a killed run in OUT and in its split folders
+    (only the folders prepare writes: OUT may hold other things)."""
+    for folder in [out, *(out / s for s in splits)]:
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink()
+
+
+def unfinished(out: Path) -> bool:
+    """Whether OUT holds the plan of a run that has not finished."""
+    return (out / WORK_DIR / PLAN_NAME).is_file()
 
 
 class RunState:
     """The records of one (possibly resumed) run into `out`."""
 
-    def __init__(self, out: Path, digest: str):
+    def __init__(self, out: Path, digest: str, splits: list[str]):
         self.dir = out / WORK_DIR
-        plan = self.dir / "plan.json"
+        plan = self.dir / PLAN_NAME
         if plan.is_file() and json.loads(plan.read_text()).get("state_version") != STATE_VERSION:
             shutil.rmtree(self.dir)  # written by another fastcd: its outputs are redone
         if plan.is_file() and json.loads(plan.read_text()).get("digest") != digest:
             raise FastcdError(f"{out} holds an unfinished run of `fastcd prepare` with another source or "
                               f"other options; re-run it with the same arguments, or delete {self.dir}")
-        if not plan.is_file() and (out / MANIFEST_NAME).is_file():
-            raise FastcdError(f"{out} already holds a dataset prepared from another source or with other "
-                              f"options; choose an empty OUT or delete {out / MANIFEST_NAME} first")
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
+        remove_stale_temporaries(out, splits)
         if self.dir.is_dir():
             for tmp in self.dir.rglob(".*.tmp"):
                 tmp.unlink()

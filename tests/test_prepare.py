@@ -1,9 +1,11 @@
 """data_prep: bad files, both formats read back, resume after a kill, flat validation, verify, Fashion-MNIST."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -24,8 +26,10 @@ from fastcd.data_prep import prepare as prepare_module
 from fastcd.data_prep.labels import read_labels
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest
 from fastcd.data_prep.normalise import normalise_bytes, normalise_file
+from fastcd.data_prep.outdir import claimed
 from fastcd.data_prep.pool import Lost, WorkerPool
 from fastcd.data_prep.prepare import prepare
+from fastcd.data_prep.shards import ShardWriter
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError
 from tests.prepare_fixtures import (
@@ -389,6 +393,85 @@ def test_split_without_a_usable_image_fails_cleanly(tmp_path):
     with pytest.raises(FastcdError, match=r"split val has no usable image \(1 file\(s\) skipped; the first "
                                           r"skipped: val/a/empty.JPEG \(zero-byte file\)\)"):
         prepare(tmp_path / "src", tmp_path / "out", workers=1, **OPTIONS)
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    """Two classes of 2 train and 2 val JPEGs."""
+    make_tree(tmp_path / "src", np.random.default_rng(), ["a", "b"], per_class=2, max_side=MAX_SIDE)
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("case,message", [
+    ("out_is_src", "is inside SRC"), ("out_in_src", "is inside SRC"), ("src_in_out_split", "which prepare writes into"),
+    ("out_is_file", "is a file; give a folder"), ("out_under_file", "cannot create OUT .* \\(Not a directory\\)"),
+    ("out_unwritable", "cannot write in OUT /sys"), ("limit_0", "--limit 0: must be at least 1"),
+    ("limit_negative", "--limit -3: must be at least 1"), ("max_side_huge", "--max-side 70000: must be in 16..65500")])
+def test_bad_out_and_arguments_give_one_line_errors(small_tree, case, message, capsys):
+    tmp = small_tree.parent
+    (tmp / "file").write_text("x")
+    if case == "src_in_out_split":
+        shutil.copytree(small_tree, tmp / "o" / "train")
+    src, out, extra = {"out_is_src": (small_tree, small_tree, []), "out_in_src": (small_tree, small_tree / "o", []),
+                       "src_in_out_split": (tmp / "o" / "train", tmp / "o", []),
+                       "out_is_file": (small_tree, tmp / "file", []),
+                       "out_under_file": (small_tree, tmp / "file" / "o", []),
+                       "out_unwritable": (small_tree, Path("/sys"), []),
+                       "limit_0": (small_tree, tmp / "o", ["--limit", "0"]),
+                       "limit_negative": (small_tree, tmp / "o", ["--limit", "-3"]),
+                       "max_side_huge": (small_tree, tmp / "o", ["--max-side", "70000"])}[case]
+    assert main(["prepare", str(src), str(out), "--workers", "1", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1 and "Traceback" not in err, err
+    assert sorted(p.name for p in small_tree.rglob("*") if p.is_file() and "img_" not in p.name) == []
+
+
+def test_empty_name_lists_are_refused(small_tree, capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", str(small_tree), str(small_tree.parent / "o"), "--splits", ","])
+    assert "--splits: give at least one name" in capsys.readouterr().err
+
+
+def test_second_prepare_into_one_out_is_refused(small_tree, capsys):
+    out = small_tree.parent / "out"
+    with claimed(out, str(small_tree), ["train", "val"]):
+        assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 2
+        assert f"{out} is being written by another `fastcd prepare` (pid {os.getpid()} on " in capsys.readouterr().err
+    (out / ".prepare.lock").write_text("pid 1 on a host where it was killed\n")  # a killed run's lock file
+    prepare(small_tree, out, workers=1, **OPTIONS)
+    assert not (out / ".prepare.lock").exists()
+
+
+def test_disk_errors_stop_cleanly_and_resume(small_tree, monkeypatch, capsys):
+    out = small_tree.parent / "out"
+
+    def disk_full(self, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardWriter, "_write", disk_full)
+        assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"writing {out} failed (No space left on device); fix that and run the same command" in err
+    assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 0
+    assert verify(out) == {"train": 4, "val": 4}
+
+
+def test_unreadable_folders(small_tree, monkeypatch):
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if not isinstance(path, int) and Path(path).name in ("b", "locked"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    train = prepare(small_tree, small_tree.parent / "out", formats=["dali"], workers=1, **OPTIONS)["splits"]["train"]
+    assert train["skipped"] == [{"path": "train/b/", "reason": "cannot list the folder (Permission denied)"}]
+    assert train["empty_classes"] == ["b"] and train["num_samples"] == 2
+    (small_tree.parent / "locked").mkdir()
+    with pytest.raises(FastcdError, match="cannot list .*locked \\(Permission denied\\); SRC must be readable"):
+        prepare(small_tree.parent / "locked", small_tree.parent / "out2", workers=1, **OPTIONS)
 
 
 def test_labels_file_layouts(tmp_path):
