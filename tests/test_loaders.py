@@ -255,3 +255,47 @@ def test_small_and_single_sample_batches(data: dict, backend: str) -> None:
         assert torch.cat([y for _, y in batches]).tolist() == expected[:sum(sizes)]
     train = build_loader(config(data, backend, train_subset=5), "train", context())
     assert len(train) == 0 and epoch(train, 0)[0] == []
+
+
+def _dali_batches_with_outputs(loader) -> list:
+    """[(images, labels, DALI's output TensorLists)] of one epoch: spies on the loader's pipeline."""
+    run, outputs, seen = loader.pipe.run, [], []
+
+    def spy(*args):
+        outputs.append(run(*args))
+        return outputs[-1]
+
+    loader.pipe.run = spy
+    for x, y in loader:
+        seen.append((x, y, outputs[-1]))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dali_yields_its_own_buffers(data: dict, dtype: torch.dtype, channels_last: bool) -> None:
+    """Labels, and fp32/fp16 images in the run's layout, are views of DALI's output buffers: no host-made label
+    tensor (labels come out of the pipeline, on the GPU when training there), no cast, no layout copy. DALI has
+    no bf16: it writes fp32, rounded once."""
+    ctx = context(dtype=dtype, channels_last=channels_last)
+    loader = build_loader(config(data, "dali", val_batch_size=7), "val", ctx)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    seen = _dali_batches_with_outputs(loader)
+    assert [len(y) for _, y, _ in seen] == [7, 7, 1]
+    for x, y, outputs in seen:
+        assert len(outputs) == 2, "labels must be a pipeline output"
+        images, labels = (o.as_tensor() for o in outputs)
+        assert x.dtype == dtype and x.is_contiguous(memory_format=fmt) and x.shape == (len(y), 3, 32, 32)
+        assert y.data_ptr() == labels.data_ptr() and y.dtype == torch.int64 and y.shape == (len(x),)
+        if dtype == torch.bfloat16:
+            assert torch.from_dlpack(images).dtype == torch.float32
+        else:
+            assert x.data_ptr() == images.data_ptr()
+
+
+def test_dali_half_precision_is_the_fp32_batch_rounded(data: dict) -> None:
+    """fp16 and bf16 batches equal the fp32 batch rounded once to that dtype (no double rounding via fp16)."""
+    ref = torch.cat(epoch(build_loader(config(data, "dali"), "val", context()), 0)[0])
+    for dtype in (torch.float16, torch.bfloat16):
+        got = torch.cat(epoch(build_loader(config(data, "dali"), "val", context(dtype=dtype)), 0)[0])
+        assert torch.equal(got, ref.to(dtype)), (dtype, (got.float() - ref.to(dtype).float()).abs().max())

@@ -1,14 +1,17 @@
 """The `dali` backend: NVIDIA DALI decodes and augments the prepared webdataset shards.
 
 On a GPU the JPEGs are decoded by the `mixed` decoder (the hardware JPEG decoder where the card has
-one, `data.dali_hw_decoder_load`), resized, cropped, flipped and normalised to NHWC fp16/fp32 on
-the GPU, and handed to PyTorch through DLPack as a channels_last NCHW view, without a copy. On a
-CPU-only machine the same graph runs with CPU operators (`device_id=None`).
+one, `data.dali_hw_decoder_load`), resized, cropped, flipped and normalised on the GPU; the labels
+are copied to the GPU by DALI too. Both reach PyTorch through DLPack as views of DALI's own buffers,
+already in the run's layout and, for fp32 and fp16, in its dtype: no copy. DALI has no bfloat16; for
+bf16 it writes fp32 and one `.to(bfloat16)` rounds that (the cheapest correct way measured, see
+docs/loaders.md). On a CPU-only machine the same graph runs with CPU operators (`device_id=None`).
 
 The samples are fed by index (the shards' index files give each JPEG's offset) in the order of
-`sharding.epoch_indices`, so every backend shares one epoch order and DDP split. DALI's own
-webdataset reader shuffles only within a buffer (~1000 samples), and the prepared shards are
-sorted by class, so its batches would hold one or two classes.
+`sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split.
+DALI's own webdataset reader shuffles only within a buffer (~1000 samples), and the prepared shards
+are sorted by class, so its batches would hold one or two classes. The JPEG bytes are fed as views of
+the memory-mapped shards (`no_copy`), so the main thread does not copy them.
 """
 from __future__ import annotations
 
@@ -24,20 +27,24 @@ from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, r
 from fastcd.data.prepared import ShardSamples, open_prepared
 
 RATIO = (3 / 4, 4 / 3)
+# What crop_mirror_normalize writes for each run dtype (no bfloat16 in DALI: fp32, rounded once by torch).
+DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 
 
 class _FedPipeline(Pipeline):
-    """A DALI pipeline whose `iter_setup` feeds the next batch of JPEGs (and resolution) by index."""
+    """A DALI pipeline whose `iter_setup` feeds the next batch by index: JPEG bytes (views of the
+    mapped shards), labels and, for training, the epoch's resolution."""
 
     def __init__(self, samples: ShardSamples, train: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         self.samples, self.train = samples, train
-        self.batches: Iterator[np.ndarray] = iter(())
+        self.batches: Iterator[Tensor] = iter(())
         self.res = 0
 
     def iter_setup(self) -> None:
-        batch = next(self.batches)  # StopIteration ends DALI's epoch
-        self.feed_input("jpegs", [self.samples.jpeg(i) for i in batch.tolist()])
+        batch = next(self.batches).tolist()  # StopIteration ends DALI's epoch
+        self.feed_input("jpegs", [self.samples.jpeg(i) for i in batch])
+        self.feed_input("labels", np.array([self.samples.label(i) for i in batch], dtype=np.int64))
         if self.train:
             self.feed_input("res", np.full(len(batch), self.res, dtype=np.float32))
 
@@ -51,11 +58,12 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
     if gpu:
         decode |= {"hw_decoder_load": cfg.dali_hw_decoder_load,
                    "preallocate_width_hint": cfg.dali_preallocate, "preallocate_height_hint": cfg.dali_preallocate}
-    half = ctx.dtype in (torch.float16, torch.bfloat16)
-    normalise = {"dtype": types.FLOAT16 if half else types.FLOAT, "output_layout": "HWC",
+    normalise = {"dtype": DALI_DTYPES[ctx.dtype], "output_layout": "HWC" if ctx.channels_last else "CHW",
                  "mean": [255 * m for m in cfg.mean], "std": [255 * s for s in cfg.std]}
     with pipe:
-        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        # no_copy: the views stay valid while the shards are mapped, i.e. as long as `samples` lives.
+        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
+        labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
         if train:
             res = fn.external_source(name="res", dtype=types.FLOAT, ndim=0)
             images = fn.decoders.image_random_crop(jpegs, random_area=[cfg.scale_min, 1.0], random_aspect_ratio=RATIO,
@@ -66,7 +74,7 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
             images = fn.decoders.image(jpegs, **decode)
             images = fn.resize(images, resize_shorter=round(cfg.val_res / cfg.val_resize_ratio))
             images = fn.crop_mirror_normalize(images, crop=(cfg.val_res, cfg.val_res), **normalise)
-        pipe.set_outputs(images)
+        pipe.set_outputs(images, labels.gpu() if gpu else labels)
     pipe.build()
     return pipe
 
@@ -87,18 +95,18 @@ class DaliLoader(IndexedLoader):
         self.pipe.batches, self.pipe.res = iter(batches), self.res
         stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
         try:
-            for batch in batches:
-                (images,) = self.pipe.run(stream)
-                labels = torch.tensor([self.samples.label(i) for i in batch.tolist()], dtype=torch.int64)
-                yield self._to_torch(images), labels.to(self.ctx.device, non_blocking=True)
+            for _ in batches:
+                images, labels = self.pipe.run(stream)
+                yield self._images(images), torch.from_dlpack(labels.as_tensor())
         finally:
             self._finish_epoch()
 
-    def _to_torch(self, images) -> Tensor:
-        """NHWC DALI batch -> NCHW channels_last torch view of the same memory (cast if needed)."""
-        x = torch.from_dlpack(images.as_tensor()).permute(0, 3, 1, 2)
-        fmt = torch.channels_last if self.ctx.channels_last else torch.contiguous_format
-        return x.to(dtype=self.ctx.dtype, memory_format=fmt)
+    def _images(self, images) -> Tensor:
+        """DALI's NHWC (channels_last) or NCHW batch as an NCHW torch view of the same memory (bf16: rounded)."""
+        x = torch.from_dlpack(images.as_tensor())
+        if self.ctx.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return x.to(self.ctx.dtype)
 
     def _finish_epoch(self) -> None:
         """Consume what DALI still holds (the whole epoch was read, or the consumer stopped early)."""
