@@ -14,6 +14,7 @@ generator) is prepared into it first, in the formats this machine can write (no 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import queue as queue_module
 import time
@@ -111,6 +112,7 @@ def _raw_dali_epochs(out: Path, args: argparse.Namespace):
 
 def _measure(queue, backend: str, out: str, src: str, args: argparse.Namespace, classes: int) -> None:
     """In a fresh process: `_timed` of `backend`, or a row naming the error it raised."""
+    multiprocessing.set_start_method("fork", force=True)  # a spawned process would spawn its loader workers
     try:
         queue.put(_timed(backend, out, src, args, classes))
     except Exception as e:  # recorded as this backend's row: the others still run
