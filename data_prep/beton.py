@@ -7,9 +7,11 @@ decoders). The other write modes (raw, smart, proportion) decode the JPEG and us
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,9 +102,25 @@ class ShardSamples:
         self._fds = {}
 
 
+@contextlib.contextmanager
+def _ffcv_progress(desc: str, shown: bool) -> Iterator[None]:
+    """ffcv's DatasetWriter draws a tqdm bar (`ffcv.writer.tqdm`) and has no option to hide it: while
+    the block runs, that name is a tqdm with our description, disabled unless `shown`."""
+    import ffcv.writer
+
+    real = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(real, desc=desc, unit="img", disable=not shown)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = real
+
+
 def write_beton(path: Path, shards: list[tuple[Path, Path]], *, write_mode: str, max_side: int,
-                jpeg_quality: int, compress_probability: float, workers: int) -> int:
-    """Write `path` (a temporary name; the caller renames it) from the shards; return the sample count."""
+                jpeg_quality: int, compress_probability: float, workers: int, progress: bool = True,
+                desc: str = "beton") -> int:
+    """Write `path` (a temporary name; the caller renames it) from the shards; return the sample count.
+    `progress` shows ffcv's progress bar, labelled `desc`."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
@@ -110,7 +128,8 @@ def write_beton(path: Path, shards: list[tuple[Path, Path]], *, write_mode: str,
     try:
         fields = {"image": image_field(write_mode, max_side, jpeg_quality, compress_probability),
                   "label": IntField()}
-        DatasetWriter(str(path), fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=256)
+        with _ffcv_progress(desc, progress):
+            DatasetWriter(str(path), fields, num_workers=workers).from_indexed_dataset(dataset, chunksize=256)
     finally:
         dataset.close()
     return len(dataset)

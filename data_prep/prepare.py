@@ -25,7 +25,7 @@ from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_pa
 from fastcd.data_prep.normalise import Normalised, normalise_item
 from fastcd.data_prep.outdir import claimed
 from fastcd.data_prep.pool import Lost, WorkerPool
-from fastcd.data_prep.shards import ShardWriter, sample_key, shard_name
+from fastcd.data_prep.shards import ShardWriter, sample_key, sha256_file, shard_name
 from fastcd.data_prep.sources import Source, SplitSource, open_source
 from fastcd.data_prep.state import WORK_DIR, RunState, unfinished
 from fastcd.errors import FastcdError
@@ -99,8 +99,7 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
         writer.abort()
         tmp_tar.unlink(missing_ok=True)
         raise
-    sha256 = writer.close()
-    record = {"num_samples": writer.num_samples, "first_key": first_key, "sha256": sha256,
+    record = {"num_samples": writer.num_samples, "first_key": first_key, **writer.close(),
               "skipped": skipped, "repaired": repaired, "counts": dict(counts),
               "classes": {str(label): n for label, n in sorted(per_class.items())}}
     if writer.num_samples:
@@ -113,12 +112,15 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
 
 
 def _finished_shard(state: RunState, split: str, folder: Path, stem: str) -> dict | None:
-    """The record of a shard finished by an earlier (interrupted) run, if its files are all there."""
+    """The record of a shard finished by an earlier (interrupted) run, if its files are there with the
+    recorded sha256 (a shard damaged since is redone)."""
     record = state.load(f"{split}/{stem}")
-    files = [folder / f"{stem}.tar", folder / f"{stem}.idx"]
-    if record is None or (record["num_samples"] and not all(f.is_file() for f in files)):
-        return None
-    return record
+    if record is None or not record["num_samples"]:
+        return record
+    tar, idx = folder / f"{stem}.tar", folder / f"{stem}.idx"
+    intact = tar.is_file() and idx.is_file() and sha256_file(tar) == record["sha256"] \
+        and sha256_file(idx) == record["index_sha256"]
+    return record if intact else None
 
 
 def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, opts: dict,
@@ -146,17 +148,26 @@ def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, o
     return records, counts
 
 
-def _beton(split: str, out: Path, state: RunState, records: list[dict], opts: dict, workers: int) -> str:
-    """Write (or keep, when resuming) OUT/<split>.beton from the split's shards."""
+def _beton(split: str, out: Path, state: RunState, records: list[dict], opts: dict, workers: int,
+           progress: bool) -> dict:
+    """Write (or keep, when resuming) OUT/<split>.beton from the split's shards; return its record.
+
+    A `.beton` kept from an earlier run must hash as recorded and come from shards with the same sha256s.
+    """
     path = out / f"{split}.beton"
-    if state.load(f"{split}.beton", path) is None:
-        shards = [(r["tar"], r["index"]) for r in records if r["num_samples"]]
-        with atomic_path(path) as tmp:
-            write_beton(tmp, shards, write_mode=opts["ffcv_write_mode"], max_side=opts["max_side"],
-                        jpeg_quality=opts["jpeg_quality"],
-                        compress_probability=opts["ffcv_compress_probability"], workers=workers)
-        state.save(f"{split}.beton", {"num_samples": sum(r["num_samples"] for r in records)})
-    return path.name
+    made_from = hashlib.sha256(" ".join(r["sha256"] for r in records if r["num_samples"]).encode()).hexdigest()
+    record = state.load(f"{split}.beton", path)
+    if record is not None and record["made_from"] == made_from and sha256_file(path) == record["sha256"]:
+        return record
+    shards = [(r["tar"], r["index"]) for r in records if r["num_samples"]]
+    with atomic_path(path) as tmp:
+        write_beton(tmp, shards, write_mode=opts["ffcv_write_mode"], max_side=opts["max_side"],
+                    jpeg_quality=opts["jpeg_quality"], compress_probability=opts["ffcv_compress_probability"],
+                    workers=workers, progress=progress, desc=path.name)
+        record = {"num_samples": sum(r["num_samples"] for r in records), "sha256": sha256_file(tmp),
+                  "bytes": tmp.stat().st_size, "made_from": made_from}
+    state.save(f"{split}.beton", record)
+    return record
 
 
 def _strict_failure(split: str, skipped: list[dict]) -> FastcdError:
@@ -191,11 +202,14 @@ def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: Run
     if not any(r["num_samples"] for r in records):
         raise _no_samples(split.name, skipped)
     present = {int(label) for r in records for label in r["classes"]}
-    beton = _beton(split.name, out, state, records, opts, pool.workers) if "ffcv" in formats else None
+    beton = {"beton": None, "beton_sha256": None, "beton_bytes": None}
+    if "ffcv" in formats:
+        record = _beton(split.name, out, state, records, opts, pool.workers, progress)
+        beton = {"beton": f"{split.name}.beton", "beton_sha256": record["sha256"], "beton_bytes": record["bytes"]}
     shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
-               "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"]}
-              for r in records if r["num_samples"]] if "dali" in formats else []
-    entry = {"num_samples": sum(r["num_samples"] for r in records), "beton": beton, "shards": shards,
+               "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"],
+               "bytes": r["bytes"]} for r in records if r["num_samples"]] if "dali" in formats else []
+    entry = {"num_samples": sum(r["num_samples"] for r in records), **beton, "shards": shards,
              "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
              "empty_classes": [c for i, c in enumerate(classes) if i not in present],
              "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}

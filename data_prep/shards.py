@@ -77,18 +77,20 @@ class ShardWriter:
     def num_samples(self) -> int:
         return len(self._lines)
 
-    def close(self) -> str:
-        """Finish the tar (two zero blocks), fsync both files and return the tar's sha256."""
+    def close(self) -> dict:
+        """Finish the tar (two zero blocks), fsync both files; return the tar's `sha256` and size in
+        `bytes`, and the index's `index_sha256`."""
         self._write(b"\0" * (2 * BLOCK))
         self._tar.flush()
         os.fsync(self._tar.fileno())
         self._tar.close()
-        text = f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)
-        with open(self._index_path, "w") as f:
+        text = (f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines)).encode()
+        with open(self._index_path, "wb") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        return self._sha.hexdigest()
+        return {"sha256": self._sha.hexdigest(), "bytes": self._offset,
+                "index_sha256": hashlib.sha256(text).hexdigest()}
 
     def abort(self) -> None:
         """Close without finishing (the caller removes the temporary files)."""

@@ -1,9 +1,11 @@
 """`fastcd prepare --verify OUT`: reopen every output and check it against the manifest.
 
-Checks per split: each shard's sha256, its DALI index against the tar's own headers (names, data
-offsets, sizes), keys consecutive from `first_key`, labels in range and the counts; the `.beton`'s
-sample count and labels equal the shards'. Then a few samples are decoded in both formats: ffcv's
-`Loader` and DALI's `fn.readers.webdataset` in a CPU pipeline. Any mismatch raises FastcdError.
+Checks per split: each file's size (when the manifest is opened), each shard's sha256, its DALI
+index against the tar's own headers (names, data offsets, sizes), keys consecutive from
+`first_key`, labels in range and the counts; the `.beton`'s sha256, then its sample count and
+labels equal the shards'. Then a few samples are decoded in both formats: ffcv's `Loader` and
+DALI's `fn.readers.webdataset` in a CPU pipeline. Any mismatch, and any error a reader raises on a
+damaged file, raises FastcdError naming the file.
 """
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ def _fail(out: Path, where: str, problem: str) -> FastcdError:
     return FastcdError(f"{out}: {where}: {problem}; the dataset is damaged, re-run `fastcd prepare` into a new OUT")
 
 
+@contextlib.contextmanager
+def _reading(out: Path, where: str) -> Iterator[None]:
+    """Turn any error a reader (tarfile, ffcv, DALI) raises on a damaged file into FastcdError."""
+    try:
+        yield
+    except FastcdError:
+        raise
+    except Exception as e:
+        raise _fail(out, where, f"cannot be read ({type(e).__name__}: {e})") from e
+
+
 def _check_shard(out: Path, shard: dict, num_classes: int) -> list[int]:
     """Check one shard; return its labels in sample order."""
     tar_path, name = out / shard["tar"], shard["tar"]
@@ -35,8 +48,8 @@ def _check_shard(out: Path, shard: dict, num_classes: int) -> list[int]:
         raise _fail(out, name, "sha256 differs from the manifest")
     try:
         index = read_index(out / shard["index"])
-    except ValueError as e:
-        raise _fail(out, shard["index"], str(e)) from e
+    except (ValueError, IndexError) as e:
+        raise _fail(out, shard["index"], f"not a DALI index ({e})") from e
     if len(index) != shard["num_samples"]:
         raise _fail(out, shard["index"], f"{len(index)} samples, manifest says {shard['num_samples']}")
     with tarfile.open(tar_path) as tar:
@@ -82,7 +95,9 @@ def _numba_finalizer_noise_hidden() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
-def _check_beton(out: Path, split: str, beton: str, labels: list[int] | None, count: int) -> None:
+def _check_beton(out: Path, beton: str, sha256: str, labels: list[int] | None, count: int) -> None:
+    if sha256_file(out / beton) != sha256:
+        raise _fail(out, beton, "sha256 differs from the manifest")
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
@@ -138,11 +153,16 @@ def verify(out: str | Path) -> dict:
     for split, entry in manifest["splits"].items():
         labels = None
         if entry["shards"]:
-            labels = [x for shard in entry["shards"] for x in _check_shard(out, shard, num_classes)]
+            labels = []
+            for shard in entry["shards"]:
+                with _reading(out, shard["tar"]):
+                    labels += _check_shard(out, shard, num_classes)
             if len(labels) != entry["num_samples"]:
                 raise _fail(out, split, f"shards hold {len(labels)} samples, manifest says {entry['num_samples']}")
-            _check_dali(out, split, entry["shards"], labels)
+            with _reading(out, f"{split} shards"):
+                _check_dali(out, split, entry["shards"], labels)
         if entry["beton"]:
-            _check_beton(out, split, entry["beton"], labels, entry["num_samples"])
+            with _reading(out, entry["beton"]):
+                _check_beton(out, entry["beton"], entry["beton_sha256"], labels, entry["num_samples"])
         counts[split] = entry["num_samples"]
     return counts

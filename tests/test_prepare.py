@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -192,15 +193,15 @@ def test_killed_run_resumes_to_the_same_result(dataset, tmp_path):
     _same_outputs(dataset.out, out)
 
 
-def _stopped_after_two_shards(src: Path, out: Path, monkeypatch) -> None:
-    """Run prepare into `out` and interrupt it while it writes its third shard."""
+def _stopped_at(src: Path, out: Path, monkeypatch, split: str, nth: int) -> None:
+    """Run prepare into `out` and interrupt it as it begins the `nth` shard (1-based) of `split`."""
     calls, real_write_shard = [], prepare_module._write_shard
 
-    def shard_then_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def shard_then_stop(source, *args, **kwargs):
+        calls.append(source.name)
+        if calls.count(split) == nth:
             raise KeyboardInterrupt
-        return real_write_shard(*args, **kwargs)
+        return real_write_shard(source, *args, **kwargs)
 
     with monkeypatch.context() as patch:
         patch.setattr(prepare_module, "_write_shard", shard_then_stop)
@@ -216,7 +217,7 @@ def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
         real_write_beton(path, *args, **kwargs)
         raise KeyboardInterrupt  # the .beton is complete under its temporary name, not yet renamed
 
-    _stopped_after_two_shards(dataset.src, out, monkeypatch)
+    _stopped_at(dataset.src, out, monkeypatch, "train", 3)
     monkeypatch.setattr(prepare_module, "write_beton", beton_then_stop)
     with pytest.raises(KeyboardInterrupt):
         prepare(dataset.src, out, workers=1, **OPTIONS)
@@ -229,7 +230,7 @@ def test_interrupted_at_each_stage_resumes(dataset, tmp_path, monkeypatch):
 
 def test_records_of_an_older_layout_are_redone(dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    _stopped_after_two_shards(dataset.src, out, monkeypatch)
+    _stopped_at(dataset.src, out, monkeypatch, "train", 3)
     plan = out / ".prepare" / "plan.json"
     plan.write_text(json.dumps({"digest": json.loads(plan.read_text())["digest"]}))  # as an older fastcd wrote it
     for record in (out / ".prepare" / "train").glob("*.json"):
@@ -495,19 +496,80 @@ def test_strict_fails_naming_unreadable_files(dataset, tmp_path, capsys):
     assert not (out / "manifest.json").exists()
 
 
+def _flip(path: Path, offset: int, count: int = 1) -> None:
+    """Invert `count` bytes of `path` from `offset` (the size stays the same)."""
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _verify_error(out: Path, capsys) -> str:
+    assert main(["prepare", "--verify", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 def test_verify_finds_damage(dataset, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(dataset.out, out)
     assert main(["prepare", "--verify", str(out)]) == 0
-    shard = out / dataset.manifest["splits"]["val"]["shards"][-1]["tar"]
-    data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    assert main(["prepare", "--verify", str(out)]) == 2
-    assert "sha256 differs" in capsys.readouterr().err
+    val = dataset.manifest["splits"]["val"]
+    _flip(out / val["shards"][-1]["tar"], 700)
+    assert "sha256 differs" in _verify_error(out, capsys)
+    shutil.copy(dataset.out / val["shards"][-1]["tar"], out / val["shards"][-1]["tar"])
+
+    beton, good = out / "train.beton", (dataset.out / "train.beton").read_bytes()
+    _flip(beton, len(good) // 2, 16)
+    assert "train.beton: sha256 differs from the manifest" in _verify_error(out, capsys)
+    beton.write_bytes(good[: len(good) - 100])
+    assert f"train.beton is {len(good) - 100} bytes, manifest.json says {len(good)}" in _verify_error(out, capsys)
+
+    beton.write_bytes(bytes(100) + good[100:])  # a manifest that vouches for a file ffcv cannot read
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["splits"]["train"]["beton_sha256"] = hashlib.sha256(beton.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert "train.beton: cannot be read (AssertionError: file format mismatch" in _verify_error(out, capsys)
+
     (out / dataset.manifest["splits"]["train"]["shards"][0]["index"]).unlink()
     with pytest.raises(FastcdError, match="missing"):
         load_manifest(out)
+
+
+def test_resume_redoes_outputs_damaged_between_runs(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _stopped_at(dataset.src, out, monkeypatch, "val", 1)  # train finished (shards and .beton), val not begun
+    train = out / "train"
+    _flip(train / "shard-000000.tar", 1000)
+    _flip(train / "shard-000001.idx", 5)
+    _flip(out / "train.beton", (out / "train.beton").stat().st_size // 2, 16)
+    prepare(dataset.src, out, workers=1, **OPTIONS)
+    _same_outputs(dataset.out, out)
+    assert verify(out) == {s: len(v) for s, v in dataset.expected.items()}
+
+
+@pytest.mark.parametrize("damage", ["truncated_shard", "older_manifest"])
+def test_finished_out_with_missing_bytes_is_rebuilt(dataset, tmp_path, damage):
+    out = tmp_path / "out"
+    shutil.copytree(dataset.out, out)
+    if damage == "truncated_shard":
+        shard = out / dataset.manifest["splits"]["val"]["shards"][-1]["tar"]
+        shard.write_bytes(shard.read_bytes()[:-1024])
+    else:
+        manifest = json.loads((out / "manifest.json").read_text())
+        for split in manifest["splits"].values():
+            split.pop("beton_sha256"), split.pop("beton_bytes")
+        (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    prepare(dataset.src, out, workers=1, **OPTIONS)
+    _same_outputs(dataset.out, out)
+    assert verify(out) == {s: len(v) for s, v in dataset.expected.items()}
+
+
+def test_quiet_shows_no_progress_bars(small_tree, capsys):
+    out = small_tree.parent / "out"
+    assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr() == (f"wrote {out}/manifest.json\n", "")
 
 
 def test_load_manifest_rejects_other_versions(dataset, tmp_path):
