@@ -97,6 +97,8 @@ def _defects(img: Image.Image, name: str) -> list[str]:
         found.append(f"EXIF orientation {orientation} applied")
     if img.width * img.height > LARGE_PIXELS:
         found.append(f"very large {img.width}x{img.height}")
+    if getattr(img, "is_animated", False):
+        found.append(f"first of {img.n_frames} frames kept")
     return found
 
 

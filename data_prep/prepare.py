@@ -286,5 +286,6 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
         try:
             return _prepare_locked(out, source, opts, digest, workers, strict, progress)
         except OSError as e:
-            raise FastcdError(f"writing {e.filename or out} failed ({e.strerror}); fix that and run the same "
+            where = f" ({e.filename})" if e.filename else ""
+            raise FastcdError(f"prepare into {out} stopped: {e.strerror}{where}; fix that and run the same "
                               f"command again (finished shards are kept)") from e

@@ -157,8 +157,8 @@ def open_source(src: str, splits: Sequence[str] | None = None, labels_file: str 
         path = Path(src)
         if not path.is_dir():
             raise FastcdError(f"SRC {src} is not a folder; give an ImageNet-layout folder or 'fashion-mnist'")
-        if labels_file is not None and not Path(labels_file).is_file():
-            raise FastcdError(f"labels file {labels_file} does not exist")
+        if labels_file is not None and not Path(labels_file).is_file():  # a FIFO would block the read
+            raise FastcdError(f"labels file {labels_file} does not exist or is not a regular file")
         try:
             source = _open_tree(path, splits, Path(labels_file) if labels_file else None)
         except OSError as e:

@@ -329,6 +329,21 @@ def test_decoder_exceptions_skip_the_file(monkeypatch):
         "truncated or corrupt image data (error: unpack requires a buffer of 4 bytes)"
 
 
+def test_animated_images_say_which_frame_is_kept():
+    frames = [Image.new("RGB", (40, 30), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    result = normalise_bytes(buf.getvalue(), "anim.gif", MAX_SIDE, 90)
+    assert result.outcome == "repaired" and "first of 3 frames kept" in result.note
+    assert np.asarray(Image.open(io.BytesIO(result.jpeg)))[15, 20].tolist()[0] > 200  # the first, red frame
+
+
+def test_labels_file_must_be_a_regular_file(small_tree):
+    os.mkfifo(small_tree.parent / "labels.fifo")
+    with pytest.raises(FastcdError, match="labels.fifo does not exist or is not a regular file"):
+        prepare(small_tree, small_tree.parent / "out", labels=small_tree.parent / "labels.fifo", **OPTIONS)
+
+
 def test_non_regular_files_are_never_opened(tmp_path):
     os.mkfifo(tmp_path / "fifo.JPEG")
     (tmp_path / "loop.JPEG").symlink_to(tmp_path / "loop.JPEG")
@@ -453,7 +468,7 @@ def test_disk_errors_stop_cleanly_and_resume(small_tree, monkeypatch, capsys):
         patch.setattr(ShardWriter, "_write", disk_full)
         assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"writing {out} failed (No space left on device); fix that and run the same command" in err
+    assert f"prepare into {out} stopped: No space left on device; fix that and run the same command" in err
     assert main(["prepare", str(small_tree), str(out), "--workers", "1", "--quiet"]) == 0
     assert verify(out) == {"train": 4, "val": 4}
 
