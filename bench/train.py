@@ -40,6 +40,7 @@ from fastcd.engine.trainer import build_step, loss_weights
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_params
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
+from fastcd.utils.machine import machine_info
 
 PHASES = ("data", "teacher", "student_fwd", "losses", "backward", "optimizer")
 CPU_DEFAULTS = ["student.width=0.25", "teacher.width=0.25", "data.res=64", "data.val_res=64",
@@ -127,8 +128,9 @@ def _build_step(cfg: Config, cuda_graphs: bool) -> tuple[DistillStep, BatchLoade
 
 
 def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> dict:
-    """Time `warmup + steps` steps of `cfg`; images/s and per-phase milliseconds of the timed ones. With
-    `cuda_graphs`, two more steps run under the profiler to count the CUDA graphs they launched."""
+    """Time `warmup + steps` steps of `cfg`: images/s over their wall clock, the median and mean step, each
+    phase's median and mean milliseconds and the data wait's share of the mean step. With `cuda_graphs`,
+    two more steps run under the profiler to count the CUDA graphs they launched."""
     step, loader = _build_step(cfg, cuda_graphs)
     cuda = step.rt.device.type == "cuda"
     if cuda:
@@ -167,11 +169,14 @@ def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> 
     per_step = clock.phase_ms()
     step_ms = [sum(p) for p in per_step]
     phases = {name: round(statistics.median(p[k] for p in per_step), 3) for k, name in enumerate(PHASES)}
-    median = statistics.median(step_ms)
-    result = {"images_per_s": round(batch / (median / 1e3), 1),
-              "images_per_s_wall": round(batch * steps / wall, 1), "step_ms": round(median, 3),
-              "step_ms_mean": round(statistics.mean(step_ms), 3), "wall_ms_per_step": round(wall * 1e3 / steps, 3),
-              "phases_ms": phases, "data_share": round(phases["data"] / median, 4), **peak_memory()}
+    means = {name: round(statistics.mean(p[k] for p in per_step), 3) for k, name in enumerate(PHASES)}
+    median, mean = statistics.median(step_ms), statistics.mean(step_ms)
+    # images/s over the wall clock of the timed steps: stalls (a loader's epoch start, a slow batch) count
+    result = {"images_per_s": round(batch * steps / wall, 1),
+              "images_per_s_median_step": round(batch / (median / 1e3), 1), "step_ms": round(median, 3),
+              "step_ms_mean": round(mean, 3), "wall_ms_per_step": round(wall * 1e3 / steps, 3),
+              "phases_ms": phases, "phases_ms_mean": means, "data_share": round(means["data"] / mean, 4),
+              **peak_memory()}
     if cuda_graphs:
         result["cuda_graph_launches"] = graph_launches(lambda: one_step(keep=False))
     return result
@@ -259,21 +264,21 @@ def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str])
 
 def _row_line(row: dict, base: float | None) -> str:
     if row["status"] != "ok":
-        return f"| {row['knob']} | {row['status']}: {row['reason']} |" + " |" * 12
+        return f"| {row['knob']} | {row['status']}: {row['reason']} |" + " |" * 13
     p = row["phases_ms"]
     shares = " | ".join(f"{p[k]:.1f}" for k in PHASES)
     gpu = f"{row['gpu_peak_mib']:.0f}" if "gpu_peak_mib" in row else "-"
     return (f"| {row['knob']} | {row['images_per_s']:.0f} | {row['images_per_s'] / base:.2f}x | "
-            f"{row['vs_previous']:.2f}x | {row['step_ms']:.1f} | {shares} | {100 * row['data_share']:.1f} "
-            f"| {row['host_peak_mib']:.0f} | {gpu} |")
+            f"{row['vs_previous']:.2f}x | {row['step_ms']:.1f} | {row['step_ms_mean']:.1f} | {shares} "
+            f"| {100 * row['data_share']:.1f} | {row['host_peak_mib']:.0f} | {gpu} |")
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: images/s, ratio to the original and to the previous row, median ms per phase, the data
-    wait's share of the step, peak memory."""
+    """Markdown: images/s (wall clock), ratio to the original and to the previous row, median and mean step
+    ms, median ms per phase, the data wait's share of the mean step, peak memory."""
     base = next((r["images_per_s"] for r in rows if r["status"] == "ok"), None)
-    head = ("| knob | img/s | vs original | vs previous | step ms | " + " | ".join(f"{p} ms" for p in PHASES)
-            + " | data % | host peak MiB | GPU peak MiB |")
+    head = ("| knob | img/s | vs original | vs previous | step ms (median) | step ms (mean) | "
+            + " | ".join(f"{p} ms" for p in PHASES) + " | data % | host peak MiB | GPU peak MiB |")
     lines = [head, "|" + " -- |" * (head.count("|") - 1)]
     lines += [_row_line(r, base) for r in rows]
     return "\n".join(lines)
@@ -299,6 +304,23 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def write_report(run: dict, path: Path) -> None:
+    """`<path stem>[-loader].md` (settings and table) and, for an ablation, `.png` beside the JSON `path`."""
+    base = path.with_name(path.stem + ("-loader" if run["data"] == "loader" else ""))
+    title = (f"{Path(run['config']).name}: batch {run['batch']}, {run['res']} px, {run['student']} <- "
+             f"{run['teacher']}, {run.get('gpu', 'CPU')}, {run['data']} data")
+    settings = {k: v for k, v in run.items() if k not in ("rows", "ablation")}
+    report = (f"# Training step, {title}\n\nsettings: `{settings}`\n\n{table(run['rows'])}\n\nimg/s is over the "
+              "wall clock of the timed steps; each row keeps the knobs above it; 'vs previous' is what its knob bought "
+              "(the loader rows replace one another and are each compared with the row before them). The phases are "
+              "medians; 'data %' is the mean data wait over the mean step. Host peak memory is the process's peak "
+              "so far.\n")
+    atomic_write_bytes(base.with_suffix(".md"), report.encode())
+    if run["ablation"]:
+        plot(run["rows"], base.with_suffix(".png"), title)
+    print(f"recorded to {path} (+ {base.name}.md{', .png' if run['ablation'] else ''})")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,13 +422,5 @@ def run(args: argparse.Namespace) -> int:
     path = record("train", {**settings, "ablation": args.ablation, "rows": rows,
                             "best_knob": best["knob"] if best else None},
                   args.out)
-    title = (f"{Path(args.config).name}: batch {cfg.data.batch_size}, {cfg.data.res} px, "
-             f"{settings['student']} <- {settings['teacher']}, {'GPU' if cuda else 'CPU'}")
-    report = (f"# Training step, {title}\n\nsettings: `{settings}`\n\n{text}\n\nEach row keeps the knobs above it; "
-              "'vs previous' is what its knob bought (the loader rows replace one another and are each compared "
-              "with the row before them). Host peak memory is the process's peak so far.\n")
-    atomic_write_bytes(path.with_suffix(".md"), report.encode())
-    if args.ablation:
-        plot(rows, path.with_suffix(".png"), title)
-    print(f"recorded to {path} (+ .md{', .png' if args.ablation else ''})")
+    write_report({**machine_info(), **settings, "ablation": args.ablation, "rows": rows}, path)
     return 0
