@@ -48,17 +48,26 @@ def load_jit(build_dir: str | None = None, verbose: bool = False) -> ModuleType:
                 extra_ldflags=[f"-L{d}" for d in cuda_library_dirs()], verbose=verbose)
 
 
-def extension() -> ModuleType:
-    """The built extension, else the JIT-compiled one under FASTCD_CUDA_JIT=1, else a FastcdError."""
+@functools.cache
+def built_extension() -> ModuleType | None:
+    """The extension built at install time (`FASTCD_BUILD_CUDA=1`), or None; never compiles."""
     try:
         from fastcd.kernels import _cd_cuda
     except ImportError:
+        return None
+    return _cd_cuda
+
+
+def extension() -> ModuleType:
+    """The built extension, else the JIT-compiled one under FASTCD_CUDA_JIT=1, else a FastcdError."""
+    ext = built_extension()
+    if ext is None:
         if os.environ.get("FASTCD_CUDA_JIT") == "1":
             return load_jit()
         raise FastcdError("impl='cuda' needs the CUDA extension, which is not built: run "
                           "FASTCD_BUILD_CUDA=1 pip install --no-build-isolation -e . (needs nvcc), or set "
-                          "FASTCD_CUDA_JIT=1 to compile it at first use, or use impl='triton'") from None
-    return _cd_cuda
+                          "FASTCD_CUDA_JIT=1 to compile it at first use, or use impl='triton'")
+    return ext
 
 
 class CDCudaFunction(torch.autograd.Function):

@@ -14,8 +14,10 @@ def check_impl(impl: str, loss: str, offered: tuple[str, ...]) -> None:
         raise FastcdError(f"{loss}: unknown impl {impl!r}; choose from {', '.join(offered)}")
 
 
-def resolve_impl(impl: str, x: Tensor) -> str:
-    """'auto' becomes 'triton' for CUDA tensors and 'eager' elsewhere; the rest stay as they are."""
+def resolve_impl(impl: str, x: Tensor, cuda_ok: bool = False) -> str:
+    """'auto' becomes, for CUDA tensors, 'cuda' where the caller says the C++ kernel can run (it was the
+    fastest on an H200: bench/results/2026-11-28-nvidia-h200-kernels.json), else 'triton'; 'eager'
+    elsewhere. Explicit choices stay as they are."""
     if impl == "auto":
-        return "triton" if x.is_cuda else "eager"
+        return ("cuda" if cuda_ok else "triton") if x.is_cuda else "eager"
     return impl

@@ -128,3 +128,17 @@ def test_cd_dispatch_rejects_unknown_and_unbuilt_impls(monkeypatch):
     except ImportError:
         with pytest.raises(FastcdError, match="FASTCD_BUILD_CUDA=1"):
             CDLoss(impl="cuda")
+
+
+def test_auto_takes_the_fastest_kernel_that_can_run():
+    """On CUDA maps `auto` is the C++ kernel where it can run (the fastest on an H200), else Triton;
+    eager elsewhere; an explicit choice stays."""
+    from fastcd.kernels.dispatch import resolve_impl
+
+    class OnCuda:
+        is_cuda = True
+
+    assert resolve_impl("auto", OnCuda(), cuda_ok=True) == "cuda"
+    assert resolve_impl("auto", OnCuda()) == "triton"
+    assert resolve_impl("auto", torch.zeros(1), cuda_ok=True) == "eager"
+    assert resolve_impl("triton", OnCuda(), cuda_ok=True) == "triton"

@@ -1,27 +1,30 @@
 """The `torch` backend: the prepared shards read by index, decoded with `torchvision.io.decode_jpeg`.
 
-A `DataLoader` over the samples in `epoch_indices` order; each sample's crop and flip come from
-`crops.CropPlan` (a pure function of seed, epoch and sample), so they depend neither on the worker
-count nor on where the crop runs. Two places to decode (`data.decode`):
+One `DataLoader` with persistent workers over the samples in `epoch_indices` order (its sampler hands
+each worker (sample, epoch, resolution), so a new epoch needs no new workers); each sample's crop and
+flip come from `crops.CropPlan` (a pure function of seed, epoch and sample), so they depend neither on
+the worker count nor on where the crop runs. Two places to decode (`data.decode`):
 
 - `workers` (default on a CPU): each DataLoader worker decodes and crops its samples; uint8 batches.
-- `device` (default on CUDA): workers only read the JPEG bytes and the image size from its header;
-  a background thread decodes each batch in one `decode_jpeg(list, device=...)` call (nvjpeg on a
-  GPU), then crops, resizes, flips and normalises it in one launch (`transforms.resized_crops`), on
-  its own CUDA stream, `PREFETCH` batches ahead of the training step.
+- `device` (default on CUDA): workers only read the JPEG bytes (one buffer per batch) and each image's
+  size from its header; a background thread decodes each batch in one `decode_jpeg(list, device=...)`
+  call (nvjpeg on a GPU), then crops, resizes, flips and normalises it in one launch
+  (`transforms.resized_crops`), on its own CUDA stream, `PREFETCH` batches ahead of the training step.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import queue
 import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -35,9 +38,29 @@ from fastcd.errors import FastcdError
 PREFETCH = 2  # batches decoded ahead on the device
 
 
+Item = tuple[int, int, int]  # (sample, epoch, resolution): what the sampler hands the workers
+
+
+class _EpochOrder(Sampler[Item]):
+    """The current epoch's samples as (sample, epoch, resolution) items. It lives in the main process and
+    is read at each `iter()`, so persistent workers follow the epoch without being restarted."""
+
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+
+    def set(self, order: list[int], epoch: int, res: int) -> None:
+        self.items = [(i, epoch, res) for i in order]
+
+    def __iter__(self) -> Iterator[Item]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class _Shards(Dataset):
-    """Sample i -> (cropped uint8 image, label), or with `device_decode` (JPEG bytes, label, meta) where
-    meta is (x0, y0, w, h, flip, H, W): the box and flip to apply and the image's size."""
+    """Item -> (cropped uint8 image, label), or with `device_decode` (JPEG bytes, label, meta) where meta is
+    (x0, y0, w, h, flip, H, W): the box and flip to apply and the image's size, read from its header."""
 
     def __init__(self, samples: ShardSamples, plan: CropPlan, device_decode: bool) -> None:
         self.samples, self.plan, self.device_decode = samples, plan, device_decode
@@ -45,24 +68,28 @@ class _Shards(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor, int, Tensor]:
-        data = torch.from_numpy(self.samples.jpeg(i).copy())
-        label = self.samples.label(i)
+    def __getitem__(self, item: Item) -> tuple[Tensor, int] | tuple[np.ndarray, int, Tensor]:
+        i, epoch, res = item
+        plan = dataclasses.replace(self.plan, epoch=epoch, res=res)
+        jpeg, label = self.samples.jpeg(i), self.samples.label(i)
         if self.device_decode:
-            width, height = Image.open(io.BytesIO(data.numpy().tobytes())).size  # the header only
-            return data, label, torch.tensor([*self.plan.box(i, height, width), height, width], dtype=torch.float32)
-        image, res = decode_jpeg(data, mode=ImageReadMode.RGB), self.plan.res
-        if not self.plan.train:
-            image = TF.resize(image, round(res / self.plan.resize_ratio), antialias=True)
+            width, height = Image.open(io.BytesIO(jpeg)).size  # the header only
+            return jpeg, label, torch.tensor([*plan.box(i, height, width), height, width], dtype=torch.float32)
+        image = decode_jpeg(torch.from_numpy(jpeg.copy()), mode=ImageReadMode.RGB)
+        if not plan.train:
+            image = TF.resize(image, round(res / plan.resize_ratio), antialias=True)
             return TF.center_crop(image, [res, res]), label
-        x0, y0, w, h, flip = self.plan.box(i, image.shape[-2], image.shape[-1])  # whole pixels
+        x0, y0, w, h, flip = plan.box(i, image.shape[-2], image.shape[-1])  # whole pixels
         image = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [res, res], antialias=True)
         return (image.flip(-1) if flip else image), label
 
 
-def _collate_bytes(items: list[tuple[Tensor, int, Tensor]]) -> tuple[list[Tensor], Tensor, Tensor]:
-    data, labels, meta = zip(*items)
-    return list(data), torch.tensor(labels), torch.stack(meta)
+def _collate_bytes(items: list[tuple[np.ndarray, int, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One buffer of the batch's JPEG bytes and their sizes (a single tensor crosses from the worker, not
+    one per image), the labels and the meta rows."""
+    jpegs, labels, meta = zip(*items)
+    return (torch.from_numpy(np.concatenate(jpegs)), torch.tensor([len(j) for j in jpegs]), torch.tensor(labels),
+            torch.stack(meta))
 
 
 class ShardsTorchLoader(IndexedLoader):
@@ -74,21 +101,22 @@ class ShardsTorchLoader(IndexedLoader):
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
         self.device_decode = cfg.decode == "device" or (cfg.decode == "auto" and ctx.device.type == "cuda")
+        plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
+        self.sampler = _EpochOrder()
+        self.loader = DataLoader(_Shards(self.samples, plan, self.device_decode), batch_size=self.batch_size,
+                                 sampler=self.sampler, num_workers=cfg.workers, drop_last=self.train,
+                                 persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",
+                                 collate_fn=_collate_bytes if self.device_decode else None)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        c, cfg = self.ctx, self.cfg
-        plan = CropPlan(self.train, self.res, cfg.scale_min, cfg.val_resize_ratio, c.seed, epoch)
-        pin = c.device.type == "cuda"
-        self.loader = DataLoader(_Shards(self.samples, plan, self.device_decode), batch_size=self.batch_size,
-                                 sampler=self.order.tolist(), num_workers=cfg.workers, drop_last=self.train,
-                                 pin_memory=pin, collate_fn=_collate_bytes if self.device_decode else None)
+        self.sampler.set(self.order.tolist(), epoch, self.res)
 
-    def _device_batch(self, data: list[Tensor], labels: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
+    def _device_batch(self, data: Tensor, sizes: Tensor, labels: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
         """Decode, crop and normalise one batch on the device (in the prefetch thread)."""
         dev, cfg = self.ctx.device, self.cfg
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        images = decode_jpeg(list(data.split(sizes.tolist())), mode=ImageReadMode.RGB, device=dev)
         sizes = meta[:, 5:7].tolist()  # host values of a host tensor: no device sync
         for image, (h, w), i in zip(images, sizes, range(len(images))):
             if tuple(image.shape[1:]) != (h, w):

@@ -20,12 +20,22 @@ def cd_eager(stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> 
     return total
 
 
+def _cuda_kernel_runs(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> bool:
+    """Whether `auto` may take the C++ kernel: built at install time, maps of one dtype per stage."""
+    if not stu[0].is_cuda:
+        return False
+    from fastcd.kernels.cd_cuda import built_extension
+
+    return built_extension() is not None and all(s.dtype == t.dtype for s, t in zip(stu, tea, strict=True))
+
+
 @register("CDLoss")
 class CDLoss(DistillLoss):
     """`CDLoss()(stu_features, tea_features)`; the student features are the connectors' outputs.
 
-    `impl`: auto (the Triton kernel on CUDA fp32/bf16/fp16 tensors, eager elsewhere), triton, cuda (the optional
-    C++ extension) or eager. The fused kernels give the (frozen) teacher no gradient.
+    `impl`: auto (on CUDA fp32/bf16/fp16 maps the C++ kernel when it was built at install time, else the
+    Triton one; eager elsewhere), triton, cuda (the optional C++ extension) or eager. The fused kernels
+    give the (frozen) teacher no gradient.
     """
 
     inputs = ("conn_feats", "tea_feats")
@@ -41,7 +51,7 @@ class CDLoss(DistillLoss):
         self.impl = impl
 
     def forward(self, stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
-        impl = fused_impl(self.impl, stu_features[0])
+        impl = fused_impl(self.impl, stu_features[0], cuda_ok=_cuda_kernel_runs(stu_features, tea_features))
         if impl == "triton":
             from fastcd.kernels.cd_triton import cd_triton
 

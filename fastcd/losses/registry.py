@@ -79,12 +79,13 @@ def loss_params(name: str) -> list[str]:
     return [p for p in sig.parameters if p != "self"]
 
 
-def fused_impl(impl: str, x: Tensor) -> str:
-    """The implementation a loss with fused kernels runs: `auto` is the Triton kernel for CUDA tensors of
-    at most fp32 (the kernels accumulate in fp32) and eager otherwise; explicit choices stay."""
+def fused_impl(impl: str, x: Tensor, cuda_ok: bool = False) -> str:
+    """The implementation a loss with fused kernels runs: `auto` is a fused kernel for CUDA tensors of at
+    most fp32 (the kernels accumulate in fp32; the C++ one where `cuda_ok`) and eager otherwise; explicit
+    choices stay."""
     if impl == "auto" and x.dtype == torch.float64:
         return "eager"
-    return resolve_impl(impl, x)
+    return resolve_impl(impl, x, cuda_ok)
 
 
 def build_loss(name: str, params: dict[str, Any]) -> DistillLoss:
