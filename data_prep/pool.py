@@ -33,25 +33,23 @@ class Lost:
     reason: str
 
 
+def _answer(fn: Callable[[Any], Any], item: Any) -> Any:
+    try:
+        return fn(item)
+    except Exception as e:  # one item's failure is that item's result, not the worker's end
+        return Lost(f"{type(e).__name__}: {e}")
+
+
 def _serve(fn: Callable[[Any], Any], conn: Connection) -> None:
     """Worker loop: say it is ready, then answer each chunk of (index, item) with (index, fn(item))
-    pairs (Lost when fn raises) until told to stop."""
+    pairs (Lost when fn raises) until told to stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    conn.send(None)  # up and running: the time limit of the first task starts now
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if task is None:
-            return
-        answers = []
-        for index, item in task:
-            try:
-                answers.append((index, fn(item)))
-            except Exception as e:  # one item's failure is that item's result, not the worker's end
-                answers.append((index, Lost(f"{type(e).__name__}: {e}")))
-        conn.send(answers)
+    try:
+        conn.send(None)  # up and running: the time limit of the first task starts now
+        while (task := conn.recv()) is not None:
+            conn.send([(index, _answer(fn, item)) for index, item in task])
+    except (EOFError, OSError):  # the parent is gone
+        return
 
 
 def _death(exitcode: int | None) -> str:

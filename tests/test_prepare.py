@@ -363,12 +363,12 @@ def test_non_regular_files_are_never_opened(tmp_path):
 
 
 def test_worker_pool_survives_a_dying_or_stuck_worker():
-    with WorkerPool(doubled_unless_poisoned, workers=2, item_seconds=2, chunksize=4) as pool:
+    with WorkerPool(doubled_unless_poisoned, workers=2, item_seconds=1, chunksize=4) as pool:
         start = time.monotonic()
         got = list(pool.map(range(12)))
         assert time.monotonic() - start < 30
         assert got[3] == Lost("the worker decoding it killed by SIGKILL")
-        assert got[5] == Lost("the worker decoding it took more than 2 s")
+        assert got[5] == Lost("the worker decoding it took more than 1 s")
         assert got[7] == Lost("ValueError: seven")
         assert [g for i, g in enumerate(got) if i not in (3, 5, 7)] == [2 * i for i in range(12) if i not in (3, 5, 7)]
         abandoned = pool.map(range(100, 200))
