@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"source files per shard (default {SHARD_SAMPLES})")
     parser.add_argument("--labels", metavar="FILE", help="labels of a flat validation folder: CSV 'file,class' "
                         "or LOC_val_solution.csv")
-    parser.add_argument("--strict", action="store_true", help="fail, naming them, if any file is unreadable")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail, naming them, if any file (or folder) would be skipped")
     parser.add_argument("--limit", type=int, default=None, help="keep only the first N samples per split (trials)")
     parser.add_argument("--ffcv-write-mode", choices=WRITE_MODES, default="jpg",
                         help="ffcv image storage (default jpg: the same JPEG bytes as the shards)")
