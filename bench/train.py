@@ -35,6 +35,7 @@ from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.config import Config, add_set_argument, load_config
 from fastcd.data import BatchLoader, LoaderContext, build_loader
 from fastcd.engine.runtime import seed_everything, setup_runtime
+from fastcd.engine.step import PHASES as STEP_PHASES
 from fastcd.engine.step import DistillStep
 from fastcd.engine.trainer import build_step, loss_weights
 from fastcd.errors import FastcdError
@@ -42,7 +43,7 @@ from fastcd.losses.registry import loss_params
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
 from fastcd.utils.machine import machine_info
 
-PHASES = ("data", "teacher", "student_fwd", "losses", "backward", "optimizer")
+PHASES = ("data", *STEP_PHASES)
 CPU_DEFAULTS = ["student.width=0.25", "teacher.width=0.25", "data.res=64", "data.val_res=64",
                 "data.min_res=0", "data.max_res=0", "data.batch_size=64",
                 f"data.workers={os.cpu_count() or 1}"]
@@ -143,16 +144,7 @@ def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> 
         clock.mark()
         images, labels = next(batches)
         clock.mark()
-        tea = step.teacher_outputs(images)
-        clock.mark()
-        out = step.student_outputs(images, labels, tea)
-        clock.mark()
-        terms = step.loss_terms(out)
-        clock.mark()
-        step.backward(terms)
-        clock.mark()
-        step.optimizer_step()
-        clock.mark()
+        step.run(images, labels, clock.mark)  # the trainer's step; the clock marks its phases
         clock.end_step(keep)
 
     batch = cfg.data.batch_size

@@ -84,7 +84,7 @@ def test_fitnet_reads_only_its_stage() -> None:
     """Default stage 3 = layer3 (1-based): other stages neither change the value nor get gradients."""
     conn, tea = features(2, TEA_CHANNELS, torch.float32, True), features(2, TEA_CHANNELS, torch.float32, False)
     loss_fn = FitNetLoss()
-    assert loss_fn.stage == 3 and FitNetLoss.partial_connectors
+    assert loss_fn.stage == 3 and loss_fn.connector_stages() == (2,)
     loss = loss_fn(conn, tea)
     others = [0, 1, 3]
     changed = [t if i == 2 else torch.rand_like(t) for i, t in enumerate(tea)]
@@ -193,9 +193,11 @@ def test_cd_and_at_train_together(tmp_path: Path) -> None:
 
 
 def test_fitnets_and_rkd_train_together(tmp_path: Path) -> None:
-    """FitNets uses one connector of four (partial_connectors), RKD the embeddings: both run in the engine."""
+    """FitNets uses one connector of four (only that one is built), RKD the embeddings: both run in the engine."""
     history = tiny_run(tmp_path, [CE, {"loss_name": "FitNetLoss", "stage": 3, "loss_rate": 100,
                                        "loss_type": "fd_family"},
                                   {"loss_name": "RKDLoss", "loss_rate": 1, "loss_type": "fd_family"}])
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in history)
     assert history[-1]["loss"] < history[0]["loss"]
+    saved = torch.load(tmp_path / "latest.pt", weights_only=True)["connectors"]
+    assert {key.split(".")[0] for key in saved} == {"2"}  # layer3's connector only

@@ -258,7 +258,7 @@ def test_a_step_keeps_no_stage_map_alive(tiny_config):
     model, step = build_step(cfg, setup_runtime(cfg.train), steps_per_epoch=4)
     step.set_weights(loss_weights(cfg, cfg.train.epochs))
     refs = []
-    for module in (model.student.layer1, model.student.layer4, step.teacher.layer2, model.connectors[0]):
+    for module in (model.student.layer1, model.student.layer4, step.teacher.layer2, model.connectors["0"]):
         module.register_forward_hook(lambda mod, inp, out: refs.append(weakref.ref(out)))
     images = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     logits, terms, total = step(images, torch.randint(0, 4, (8,)))

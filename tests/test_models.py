@@ -39,21 +39,31 @@ def test_full_width_matches_torchvision_parameters():
 ])
 def test_connectors_map_student_to_teacher_channels(student, teacher, expected):
     t = build_resnet(teacher, width=1.0)
-    pair = StudentWithConnectors(build_resnet(student, width=1.0), t.stage_channels)
-    got = [(c[0].in_channels, c[0].out_channels) for c in pair.connectors]
+    pair = StudentWithConnectors(build_resnet(student, width=1.0), t.stage_channels, range(4))
+    got = [(c[0].in_channels, c[0].out_channels) for c in pair.connectors.values()]
     assert got == expected
-    assert all(c[0].bias is None and isinstance(c[1], torch.nn.BatchNorm2d) for c in pair.connectors)
+    assert all(c[0].bias is None and isinstance(c[1], torch.nn.BatchNorm2d) for c in pair.connectors.values())
+    assert list(pair.state_dict())[-1].startswith("connectors.3.")  # the names of a ModuleList, as saved before
+
+
+def test_only_the_connectors_asked_for_are_built_and_run():
+    t = build_resnet("resnet34", 10, "cifar", 0.125)
+    pair = StudentWithConnectors(build_resnet("resnet18", 10, "cifar", 0.125), t.stage_channels, [2])
+    _, conn = pair(torch.randn(2, 3, 16, 16))
+    assert list(pair.connectors) == ["2"] and [c is None for c in conn] == [True, True, False, True]
+    _, none = StudentWithConnectors(build_resnet("resnet18", 10, "cifar", 0.125), None)(torch.randn(2, 3, 16, 16))
+    assert none is None
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
 def test_teacher_is_frozen(bn_mode):
     teacher = freeze(build_resnet("resnet34", 10, "cifar", 0.125), bn_mode)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    pair = StudentWithConnectors(build_resnet("resnet18", 10, "cifar", 0.125), teacher.stage_channels)
+    pair = StudentWithConnectors(build_resnet("resnet18", 10, "cifar", 0.125), teacher.stage_channels, range(4))
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         t = teacher(x)
-    out, conn = pair(x, with_connectors=True)
+    out, conn = pair(x)
     loss = sum((c.mean((2, 3)) - f.mean((2, 3))).pow(2).mean() for c, f in zip(conn, t.feats)) + out.logits.sum()
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())

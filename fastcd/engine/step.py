@@ -1,8 +1,8 @@
-"""The distillation step, split into the phases a benchmark times separately:
+"""The distillation step, in named phases (`PHASES`) that training runs and a benchmark times:
 teacher forward -> student (+connectors) forward -> losses -> backward -> optimizer step."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,12 @@ from torch import Tensor, nn
 from fastcd.engine.runtime import Runtime
 from fastcd.losses.registry import DistillLoss
 from fastcd.models import DistillOutputs, NetOutput, teacher_forward
+
+PHASES = ("teacher", "student_fwd", "losses", "backward", "optimizer")  # what `DistillStep.run` marks, in order
+
+
+def _no_mark() -> None:
+    return None
 
 
 class DistillStep:
@@ -20,7 +26,6 @@ class DistillStep:
                  scaler: torch.amp.GradScaler, runtime: Runtime) -> None:
         self.model, self.teacher, self.losses = model, teacher, list(losses)
         self.optimizer, self.scheduler, self.scaler, self.rt = optimizer, scheduler, scaler, runtime
-        self.with_connectors = any("conn_feats" in loss.inputs for loss in self.losses)
         self.weights = torch.ones(len(self.losses), device=runtime.device)
 
     def set_weights(self, weights: Sequence[float]) -> None:
@@ -28,43 +33,57 @@ class DistillStep:
         self.weights = torch.tensor(list(weights), device=self.rt.device, dtype=torch.float32)
 
     def teacher_outputs(self, images: Tensor) -> NetOutput | None:
+        """Phase "teacher": the frozen teacher's stage maps, embedding and logits (no graph)."""
         if self.teacher is None:
             return None
         with self.rt.autocast():
             return teacher_forward(self.teacher, images)
 
     def student_outputs(self, images: Tensor, labels: Tensor, tea: NetOutput | None) -> DistillOutputs:
+        """Phase "student_fwd": the student and its connectors, with everything a loss may read."""
         with self.rt.autocast():
-            stu, conn = self.model(images, self.with_connectors)
+            stu, conn = self.model(images)
         return DistillOutputs(labels=labels, stu_logits=stu.logits, stu_feats=stu.feats, stu_embed=stu.embed,
                               tea_logits=tea.logits if tea else None, tea_feats=tea.feats if tea else None,
                               tea_embed=tea.embed if tea else None, conn_feats=conn)
 
     def loss_terms(self, out: DistillOutputs) -> Tensor:
-        """The unweighted losses as one fp32 vector (no host sync)."""
+        """Phase "losses": the unweighted losses as one fp32 vector (no host sync)."""
         with self.rt.autocast():
             terms = [loss(*[getattr(out, name) for name in loss.inputs]) for loss in self.losses]
         return torch.stack([t.float() for t in terms])
 
     def backward(self, terms: Tensor) -> Tensor:
+        """Phase "backward": the weighted total (returned, detached) and its gradients (scaled for fp16)."""
         total = (terms * self.weights).sum()
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         return total.detach()
 
     def optimizer_step(self) -> None:
+        """Phase "optimizer": SGD (skipped by the scaler on a non-finite fp16 gradient), then the lr step."""
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
 
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Run all phases; return the student's logits (detached), the loss terms and the weighted total, all
-        on the device. No stage map outlives the step: the outputs are dropped before the backward pass,
-        which then frees each map as soon as its gradient no longer needs it."""
-        out = self.student_outputs(images, labels, self.teacher_outputs(images))
+    def run(self, images: Tensor, labels: Tensor,
+            mark: Callable[[], None] = _no_mark) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the `PHASES` in order, calling `mark()` after each (a benchmark's clock); return the student's
+        logits (detached), the loss terms and the weighted total, all on the device. No stage map outlives
+        the step: the outputs are dropped before the backward pass, which then frees each map as soon as its
+        gradient no longer needs it."""
+        tea = self.teacher_outputs(images)
+        mark()
+        out = self.student_outputs(images, labels, tea)
+        mark()
         terms = self.loss_terms(out)
+        mark()
         logits = out.stu_logits.detach()
-        del out
+        del out, tea
         total = self.backward(terms)
+        mark()
         self.optimizer_step()
+        mark()
         return logits, terms.detach(), total
+
+    __call__ = run

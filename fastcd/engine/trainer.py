@@ -9,6 +9,7 @@ before the evaluation, then again with its result, and `best.pt` when the epoch 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,14 +36,16 @@ from fastcd.models.teacher import load_teacher
 from fastcd.schedules import adjust_loss_alpha, build_lr_scheduler
 
 
-def build_models(cfg: Config, rt: Runtime, with_connectors: bool) -> tuple[StudentWithConnectors, FeatureResNet | None]:
-    """The trainable student (+connectors) and the frozen teacher, on the device, in the run's layout."""
+def build_models(cfg: Config, rt: Runtime,
+                 connector_stages: Sequence[int] = ()) -> tuple[StudentWithConnectors, FeatureResNet | None]:
+    """The trainable student with the connectors of `connector_stages` and the frozen teacher, on the device,
+    in the run's layout."""
     student = build_resnet(cfg.student.arch, cfg.student.num_classes, cfg.student.stem, cfg.student.width)
     teacher = freeze(load_teacher(cfg.teacher), cfg.teacher.bn_mode) if cfg.teacher else None
     if teacher is not None and cfg.teacher.fold_bn:
         teacher = fold_batchnorm(teacher)
-    conn_channels = teacher.stage_channels if teacher is not None and with_connectors else None
-    model = StudentWithConnectors(student, conn_channels)
+    model = StudentWithConnectors(student, teacher.stage_channels if teacher is not None else None,
+                                  connector_stages if teacher is not None else ())
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model.to(rt.device, memory_format=fmt)
     if teacher is not None:
@@ -67,7 +70,7 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
     per-iteration lr schedule and GradScaler, restored from `ckpt` if given, then wrapped
     (DDP under torchrun, then `torch.compile` with `compile_mode`)."""
     losses = [build_loss(s.loss_name, s.params).to(rt.device) for s in cfg.loss_list]
-    model, teacher = build_models(cfg, rt, any("conn_feats" in loss.inputs for loss in losses))
+    model, teacher = build_models(cfg, rt, sorted({i for loss in losses for i in loss.connector_stages()}))
     optimizer = build_optimizer(cfg, model, rt)
     scheduler = build_lr_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
@@ -75,9 +78,7 @@ def build_step(cfg: Config, rt: Runtime, steps_per_epoch: int, ckpt: dict[str, A
         restore(ckpt, model, optimizer, scheduler, scaler)
     trained: torch.nn.Module = model
     if rt.distributed:
-        partial = any(loss.partial_connectors for loss in losses)
-        trained = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                          find_unused_parameters=partial)
+        trained = DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     if compile_mode is not None:  # compile(DDP(model)): dynamo keeps DDP's buckets and their overlap
         trained = torch.compile(trained, mode=compile_mode)
         teacher = torch.compile(teacher, mode=compile_mode) if teacher is not None else None

@@ -7,10 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcd.errors import FastcdError
-from fastcd.losses.registry import DistillLoss, register
+from fastcd.losses.registry import NUM_STAGES, DistillLoss, register
 from fastcd.utils.tensors import upcast
-
-NUM_STAGES = 4
 
 
 @register("FitNetLoss")
@@ -18,12 +16,11 @@ class FitNetLoss(DistillLoss):
     """`FitNetLoss(stage)(conn_features, tea_features)`; `stage` is 1-based like the layer names (3 = layer3).
 
     The connector (conv1x1 -> BN -> ReLU, as CD's) plays the FitNets regressor; only the chosen stage's
-    connector gets gradients, hence `partial_connectors`.
+    connector is built (unless another loss reads the others).
     """
 
     inputs = ("conn_feats", "tea_feats")
     family = "fd_family"
-    partial_connectors = True
 
     def __init__(self, stage: int = 3) -> None:
         super().__init__()
@@ -31,6 +28,9 @@ class FitNetLoss(DistillLoss):
             raise FastcdError(f"FitNetLoss: stage must be an integer from 1 to {NUM_STAGES} "
                               f"(1-based, 3 = layer3), got {stage!r}")
         self.stage = stage
+
+    def connector_stages(self) -> tuple[int, ...]:
+        return (self.stage - 1,)
 
     def forward(self, conn_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
         s, t = conn_features[self.stage - 1], tea_features[self.stage - 1]

@@ -23,6 +23,7 @@ INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "
                "stu_embed", "tea_embed")
 
 
+NUM_STAGES = 4  # layer1..layer4 of every ResNet here
 # The seed's loss types; the loss-rate decay (EDT) silences a family whose name holds `ce` or `kd` early on.
 FAMILIES = ("ce_family", "kd_family", "kdv2_family", "fd_family")
 
@@ -33,8 +34,10 @@ class DistillLoss(nn.Module):
 
     inputs: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = ""  # every loss names its own
-    # True for a loss that reads `conn_feats` of only some stages (DDP must then allow unused parameters).
-    partial_connectors: ClassVar[bool] = False
+
+    def connector_stages(self) -> tuple[int, ...]:
+        """The stages (0-based) whose connector outputs this loss reads: only those connectors are built."""
+        return tuple(range(NUM_STAGES)) if "conn_feats" in self.inputs else ()
 
 
 LOSSES: dict[str, type[DistillLoss]] = {}

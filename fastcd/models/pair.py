@@ -1,6 +1,7 @@
-"""The distillation pair: a trainable student with one connector per stage, and a frozen teacher."""
+"""The distillation pair: a trainable student with a connector per stage the losses read, and a frozen teacher."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,17 +17,25 @@ def connector(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class StudentWithConnectors(nn.Module):
-    """What the optimizer trains (and DDP wraps): the student and, with a teacher, its connectors."""
+    """What the optimizer trains (and DDP wraps): the student and the connectors of `stages` (0-based stage
+    indices: those some loss reads), mapping its stage channels to the teacher's."""
 
-    def __init__(self, student: FeatureResNet, teacher_channels: list[int] | None) -> None:
+    def __init__(self, student: FeatureResNet, teacher_channels: list[int] | None,
+                 stages: Sequence[int] = ()) -> None:
         super().__init__()
         self.student = student
-        pairs = zip(student.stage_channels, teacher_channels or [], strict=teacher_channels is not None)
-        self.connectors = nn.ModuleList(connector(cs, ct) for cs, ct in pairs)
+        if stages and teacher_channels is None:
+            raise ValueError("connectors need the teacher's stage channels")
+        self.connectors = nn.ModuleDict({str(i): connector(student.stage_channels[i], teacher_channels[i])
+                                         for i in sorted(stages)})
 
-    def forward(self, images: Tensor, with_connectors: bool) -> tuple[NetOutput, list[Tensor] | None]:
+    def forward(self, images: Tensor) -> tuple[NetOutput, list[Tensor | None] | None]:
+        """The student's outputs and one connector output per stage (None where no loss reads it), or None
+        without connectors."""
         out = self.student(images)
-        conn = [c(f) for c, f in zip(self.connectors, out.feats)] if with_connectors else None
+        if not self.connectors:
+            return out, None
+        conn = [self.connectors[str(i)](f) if str(i) in self.connectors else None for i, f in enumerate(out.feats)]
         return out, conn
 
 
@@ -41,7 +50,7 @@ class DistillOutputs:
     tea_logits: Tensor | None = None
     tea_feats: list[Tensor] | None = None
     tea_embed: Tensor | None = None
-    conn_feats: list[Tensor] | None = None
+    conn_feats: list[Tensor | None] | None = None
 
 
 def freeze(teacher: FeatureResNet, bn_mode: str) -> FeatureResNet:
