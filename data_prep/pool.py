@@ -24,6 +24,7 @@ from typing import Any
 DEPTH = 2  # chunks sent to a worker at once: one running, one waiting (no idle round trip)
 WINDOW_PER_WORKER = 4  # chunks taken from the input per worker ahead of the next result yielded
 STOP_SECONDS = 5
+START_SECONDS = 120  # for a new worker to start (spawn, imports) before its first chunk's limit applies
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class _Worker:
         child.close()
         self.tasks: deque[list[tuple[int, Any]]] = deque()  # chunks sent and not answered, in order
         self.since = time.monotonic()  # when the first chunk in `tasks` started
+        self.ready = False  # said it has started
 
     def send(self, chunk: list[tuple[int, Any]]) -> None:
         if not self.tasks:
@@ -80,10 +82,14 @@ class _Worker:
                 answer = self.conn.recv()
             except (EOFError, OSError):
                 return
-            self.since = time.monotonic()
+            self.since, self.ready = time.monotonic(), True
             if answer is not None:  # None: the worker has started
                 self.tasks.popleft()
                 yield from answer
+
+    def deadline(self, item_seconds: float) -> float:
+        """When the first chunk in `tasks` has run too long (a worker still starting gets START_SECONDS)."""
+        return self.since + (item_seconds if self.ready else max(item_seconds, START_SECONDS))
 
     def stop(self, kill: bool) -> None:
         """End the process: asked to when idle, killed when `kill` (or when it does not stop)."""
@@ -124,7 +130,7 @@ class WorkerPool:
     def _wait(self) -> None:
         """Until a busy worker answers or dies, or the oldest task reaches the time limit."""
         busy = [w for w in self._pool if w.tasks]
-        deadline = min(w.since for w in busy) + self.item_seconds
+        deadline = min(w.deadline(self.item_seconds) for w in busy)
         wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(0.0, deadline - time.monotonic()))
 
     def _collect(self, done: dict[int, Any], retry: deque[list[tuple[int, Any]]]) -> None:
@@ -132,7 +138,7 @@ class WorkerPool:
         `Lost`, a larger chunk is split into single items to run again (first), other chunks are resent."""
         for i, w in enumerate(self._pool):
             done.update(w.answers())
-            overran = bool(w.tasks) and time.monotonic() - w.since > self.item_seconds
+            overran = bool(w.tasks) and time.monotonic() > w.deadline(self.item_seconds)
             if not overran and w.proc.is_alive():
                 continue
             if w.tasks:
