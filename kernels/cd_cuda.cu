@@ -1,7 +1,6 @@
-// Fused Channel Distillation loss, CUDA C++ version of cd_triton.py (same math, same outputs).
-// Forward: one block per (n, channel tile), fp32 accumulation of s - t over H*W; writes the
-// (N, C) differences d and one partial sum of d^2 / (N*C) per block. Backward: grad_s written in
-// the student's memory order from d only.
+// Fused Channel Distillation loss forward, CUDA C++ version of cd_triton.py (same math, same outputs):
+// one block per (n, channel tile), fp32 accumulation of s - t over H*W; writes the (N, C) differences d
+// and one partial sum of d^2 / (N*C) per block. The backward needs no kernel (kernels/checks.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -83,18 +82,6 @@ __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
   }
 }
 
-template <typename scalar_t, bool C_INNER>
-__global__ void cd_backward_kernel(const float* __restrict__ d, const float* __restrict__ grad_out,
-                                   scalar_t* __restrict__ grad, int64_t numel, int C, int HW,
-                                   float scale) {
-  const float g = *grad_out * scale;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t nc = C_INNER ? (i / (static_cast<int64_t>(HW) * C)) * C + i % C : i / HW;
-    grad[i] = static_cast<scalar_t>(d[nc] * g);
-  }
-}
-
 template <bool C_INNER>
 void launch_forward(const at::Tensor& s, const at::Tensor& t, const at::Tensor& d,
                     const at::Tensor& partial, int blocks, cudaStream_t stream) {
@@ -143,34 +130,4 @@ std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std
   }
   out[0] = partial.sum();
   return out;
-}
-
-// Fills each grads[i] (dense, the student's layout and dtype) with grad_out * 2 d / numel.
-void cd_backward(const std::vector<at::Tensor>& diffs, const at::Tensor& grad_out,
-                 const std::vector<at::Tensor>& grads) {
-  TORCH_CHECK(diffs.size() == grads.size(), "cd_backward: one gradient per difference");
-  if (grads.empty()) return;
-  const c10::cuda::CUDAGuard guard(grads[0].device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor g = grad_out.to(at::kFloat).contiguous();
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& grad = grads[i];
-    const int C = grad.size(1), HW = grad.size(2) * grad.size(3);
-    const int64_t numel = grad.numel();
-    const int threads = 256;
-    const int blocks = static_cast<int>(std::min<int64_t>((numel + threads - 1) / threads, 65535));
-    const bool cl = channels_last(grad);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "cd_backward", [&] {
-      if (cl) {
-        cd_backward_kernel<scalar_t, true><<<blocks, threads, 0, stream>>>(
-            diffs[i].data_ptr<float>(), g.data_ptr<float>(), grad.data_ptr<scalar_t>(), numel, C, HW,
-            2.f / numel);
-      } else {
-        cd_backward_kernel<scalar_t, false><<<blocks, threads, 0, stream>>>(
-            diffs[i].data_ptr<float>(), g.data_ptr<float>(), grad.data_ptr<scalar_t>(), numel, C, HW,
-            2.f / numel);
-      }
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }

@@ -12,17 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-import torch
 from torch import Tensor
 
 from fastcd.errors import FastcdError
-from fastcd.kernels.checks import (
-    check_features,
-    check_no_teacher_grad,
-    empty_map,
-    is_channels_last,
-    student_grads,
-)
+from fastcd.kernels.cd_function import CDFunction
+from fastcd.kernels.checks import check_features, check_no_teacher_grad
 
 SOURCES = [Path(__file__).with_name("cd_cuda_binding.cpp"), Path(__file__).with_name("cd_cuda.cu")]
 
@@ -70,25 +64,10 @@ def extension() -> ModuleType:
     return ext
 
 
-class CDCudaFunction(torch.autograd.Function):
-    """Inputs: the K student maps, then the K teacher maps; output: the fp32 loss."""
-
-    @staticmethod
-    def forward(ctx, *maps: Tensor) -> Tensor:
-        k = len(maps) // 2
-        loss, *diffs = extension().cd_forward(list(maps[:k]), list(maps[k:]))
-        ctx.save_for_backward(*diffs)
-        ctx.like = [(s.shape, is_channels_last(s), s.dtype) for s in maps[:k]]
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        def compute(diffs: list[Tensor], like: list) -> list[Tensor]:
-            grads = [empty_map(torch.empty, shape, cl, dtype, grad_out.device) for shape, cl, dtype in like]
-            extension().cd_backward(diffs, grad_out, grads)
-            return grads
-
-        return student_grads(ctx, compute)
+def cd_cuda_forward(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The loss and the per-stage (N, C) fp32 differences, from the extension's kernel."""
+    loss, *diffs = extension().cd_forward(list(stu), list(tea))
+    return loss, diffs
 
 
 def cd_cuda(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> Tensor:
@@ -100,4 +79,4 @@ def cd_cuda(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> Tensor:
     if any(s.dtype != t.dtype for s, t in zip(stu, tea, strict=True)):
         raise FastcdError("impl='cuda' needs student and teacher maps of one dtype per stage; "
                           "cast them or use impl='triton'")
-    return CDCudaFunction.apply(*stu, *tea)
+    return CDFunction.apply(cd_cuda_forward, *stu, *tea)

@@ -4,10 +4,7 @@
 #include <vector>
 
 std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& tea);
-void cd_backward(const std::vector<at::Tensor>& diffs, const at::Tensor& grad_out,
-                 const std::vector<at::Tensor>& grads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cd_forward", &cd_forward, "CD loss forward: [loss, d_0, ...] (CUDA)");
-  m.def("cd_backward", &cd_backward, "CD loss backward: fills the student gradients (CUDA)");
 }

@@ -2,8 +2,8 @@
 
 Forward, one launch per stage and one pass over each map: d[n, c] = mean_hw(s) - mean_hw(t) in
 fp32, and per program sum_c d^2 / (N*C); the loss is the sum of those partials. Only the N x C
-differences are saved. Backward, one launch per stage: grad_s = grad_out * 2 * d[n, c] / (N*C*H*W)
-written in the student's memory order. The teacher gets no gradient.
+differences are saved. Backward, no kernel: the differences expanded over H x W (`cd_function`). The
+teacher gets no gradient.
 """
 from __future__ import annotations
 
@@ -15,20 +15,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastcd.kernels.cd_function import CDFunction
 from fastcd.kernels.checks import (
     Alloc,
-    Like,
     check_features,
     check_no_teacher_grad,
     check_triton_device,
-    empty_map,
     hw_strides,
     is_channels_last,
-    student_grads,
 )
 
 TILE = 2048  # elements per tensor per loop step
-BACKWARD_BLOCK = 1024
 
 
 @triton.jit
@@ -57,25 +54,6 @@ def _cd_forward_kernel(
     d = tl.sum(acc, axis=1) * inv_hw  # [BLOCK_C]
     tl.store(D_ptr + n * C + c, d, mask=c_mask)
     tl.store(Partial_ptr + pid, tl.sum(d * d, axis=0) * inv_nc)
-
-
-@triton.jit
-def _cd_backward_kernel(
-    D_ptr,  # (N, C) fp32 differences from the forward
-    GradOut_ptr,  # () incoming gradient of the loss
-    Grad_ptr,  # (N, C, H, W) out, dense, in the order named by CHANNELS_LAST
-    numel, C, HW, scale,  # scale = 2 / (N*C*H*W)
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
-):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # memory order of the gradient
-    mask = i < numel
-    if CHANNELS_LAST:
-        nc = (i // (HW * C)) * C + i % C
-    else:
-        nc = i // HW
-    g = tl.load(GradOut_ptr).to(tl.float32) * scale
-    d = tl.load(D_ptr + nc, mask=mask, other=0.0)
-    tl.store(Grad_ptr + i, (d * g).to(Grad_ptr.dtype.element_ty), mask=mask)
 
 
 def forward_blocks(x: Tensor, wanted: int) -> tuple[int, int]:
@@ -122,38 +100,8 @@ def cd_forward(stu: Sequence[Tensor], tea: Sequence[Tensor], alloc: Alloc = torc
     return partials.sum(), diffs
 
 
-def cd_backward(diffs: Sequence[Tensor], grad_out: Tensor, like: Sequence[Like],
-                alloc: Alloc = torch.empty, block: int = BACKWARD_BLOCK) -> list[Tensor]:
-    """Student gradients, one per stage, each shaped/laid out/typed as described by `like`."""
-    grads = []
-    for d, (shape, channels_last, dtype) in zip(diffs, like, strict=True):
-        grad = empty_map(alloc, shape, channels_last, dtype, d.device)
-        _, c, h, w = shape
-        numel = grad.numel()
-        _cd_backward_kernel[(triton.cdiv(numel, block),)](
-            d, grad_out, grad, numel, c, h * w, 2.0 / numel, CHANNELS_LAST=channels_last, BLOCK=block)
-        grads.append(grad)
-    return grads
-
-
-class CDTritonFunction(torch.autograd.Function):
-    """Inputs: the K student maps, then the K teacher maps; output: the fp32 loss."""
-
-    @staticmethod
-    def forward(ctx, *maps: Tensor) -> Tensor:
-        k = len(maps) // 2
-        loss, diffs = cd_forward(maps[:k], maps[k:])
-        ctx.save_for_backward(*diffs)
-        ctx.like = [(s.shape, is_channels_last(s), s.dtype) for s in maps[:k]]
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        return student_grads(ctx, lambda diffs, like: cd_backward(diffs, grad_out.contiguous(), like))
-
-
 def cd_triton(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> Tensor:
     """sum_i mean_{n,c} (mean_hw s_i - mean_hw t_i)^2, fused; gradients flow to the student maps only."""
-    check_features(stu, tea)  # before apply() splits its arguments in halves
+    check_features(stu, tea)
     check_no_teacher_grad(tea)
-    return CDTritonFunction.apply(*stu, *tea)
+    return CDFunction.apply(cd_forward, *stu, *tea)

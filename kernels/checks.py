@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,7 +12,6 @@ from fastcd.errors import FastcdError
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NUMEL = 2**31 - 1  # kernels index with int32
 Alloc = Callable[..., Tensor]  # torch.empty, or a poisoning allocator in the tests
-Like = tuple[torch.Size, bool, torch.dtype]  # a student map's shape, channels_last, dtype
 
 
 def check_triton_device(x: Tensor, what: str) -> None:
@@ -32,27 +30,6 @@ def hw_strides(x: Tensor) -> tuple[int, int, int]:
     """(stride_n, stride_c, stride_hw) of a dense NCHW or channels_last map, with H and W merged."""
     sn, sc, sh, sw = x.stride()
     return sn, sc, (sw if x.shape[3] > 1 else sh)
-
-
-def empty_map(alloc: Alloc, shape: torch.Size, channels_last: bool, dtype: torch.dtype,
-              device: torch.device) -> Tensor:
-    """A dense (N, C, H, W) tensor from `alloc`, NCHW-contiguous or channels_last."""
-    n, c, h, w = shape
-    if channels_last:
-        return alloc((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
-    return alloc((n, c, h, w), dtype=dtype, device=device)
-
-
-def student_grads(ctx: Any, compute: Callable[[list[Tensor], list[Like]], list[Tensor]]) -> tuple[Tensor | None, ...]:
-    """Backward of a CD Function whose inputs are K student then K teacher maps and which saved the
-    K differences and `ctx.like`: gradients for the student maps that need them, None elsewhere."""
-    k = len(ctx.like)
-    wanted = [i for i in range(k) if ctx.needs_input_grad[i]]
-    grads = compute([ctx.saved_tensors[i] for i in wanted], [ctx.like[i] for i in wanted])
-    out: list[Tensor | None] = [None] * (2 * k)
-    for i, g in zip(wanted, grads, strict=True):
-        out[i] = g
-    return tuple(out)
 
 
 def check_features(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> None:

@@ -20,7 +20,7 @@ def test_cd_cuda_extension_compiles_and_loads(tmp_path, monkeypatch):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")  # no GPU to detect: build for Hopper
     # TORCH_EXTENSIONS_DIR set (the GPU suite builds there in the background): reuse that build
     ext = load_jit(None if os.environ.get("TORCH_EXTENSIONS_DIR") else str(tmp_path / "build"))
-    assert callable(ext.cd_forward) and callable(ext.cd_backward)
+    assert callable(ext.cd_forward)
     if not torch.cuda.is_available():
         return
     shapes = [(3, 5, 7, 7), (2, 64, 9, 11), (4, 33, 1, 1)]
@@ -29,12 +29,9 @@ def test_cd_cuda_extension_compiles_and_loads(tmp_path, monkeypatch):
     tea = [torch.randn(s, device="cuda") for s in shapes]
     loss, *diffs = ext.cd_forward(stu, [t.contiguous(memory_format=torch.channels_last) for t in tea])
     torch.testing.assert_close(loss.double(), cd_reference(stu, tea), rtol=1e-5, atol=1e-7)
-    grads = [torch.full_like(s, float("nan")) for s in stu]
-    ext.cd_backward(diffs, torch.tensor(1.5, device="cuda"), grads)
-    want = [s.double().detach().requires_grad_() for s in stu]
-    cd_reference(want, tea).backward(torch.tensor(1.5, dtype=torch.float64, device="cuda"))
-    for g, w in zip(grads, want, strict=True):
-        torch.testing.assert_close(g.double(), w.grad, rtol=1e-5, atol=1e-9)
+    for d, s, t in zip(diffs, stu, tea, strict=True):
+        torch.testing.assert_close(d.double(), s.double().mean((2, 3)) - t.double().mean((2, 3)), rtol=1e-5,
+                                   atol=1e-6)
 
 
 AOT_SCRIPT = """
@@ -45,7 +42,6 @@ from fastcd.kernels import cd_triton as C, crop_triton as R, gkd_triton as G
 b16, f32p, i, f = "*bf16", "*fp32", "i32", "fp32"
 kernels = [
     (C._cd_forward_kernel, [b16, i, i, i, b16, i, i, i, f32p, f32p, i, i, f, f], {"BLOCK_C": 32, "BLOCK_HW": 64}),
-    (C._cd_backward_kernel, [f32p, f32p, b16, i, i, i, f], {"CHANNELS_LAST": True, "BLOCK": 1024}),
     (G._gkd_forward_kernel, [b16, i, b16, i, "*i64", f32p, f32p, i, i, f, f], {"BLOCK_K": 1024}),
     (G._gkd_backward_kernel, [f32p, f32p, f32p, b16, i], {"BLOCK": 1024}),
     (R._crop_resize_kernel, ["*u8", "*i64", f32p, b16, i, i, f, f, f, f, f, f], {"BLOCK": 256}),
