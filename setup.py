@@ -1,5 +1,6 @@
-"""One install for everything: the `fastcd` package, with kernels/, data_prep/ and bench/
-mapped in as `fastcd.kernels`, `fastcd.data_prep` and `fastcd.bench`."""
+"""One install for everything: the `fastcd` package, with kernels/, data_prep/ and bench/ mapped in as
+`fastcd.kernels`, `fastcd.data_prep` and `fastcd.bench`, and the YAML files of configs/ as package data
+(`fastcd.configs`)."""
 import os
 from pathlib import Path
 
@@ -35,7 +36,13 @@ def cuda_extension() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
-package_dir = mapped_packages()
+def config_packages() -> dict[str, str]:
+    """configs/ (YAML only) shipped inside the package as fastcd.configs, one data package per folder."""
+    return {".".join(["fastcd.configs", *d.relative_to(ROOT / "configs").parts]): str(d.relative_to(ROOT))
+            for d in [ROOT / "configs", *sorted(p for p in (ROOT / "configs").rglob("*") if p.is_dir())]}
+
+
+package_dir = {**mapped_packages(), **config_packages()}
 setup(
     name="fastcd",
     version="0.1.0",
@@ -43,6 +50,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastcd", "fastcd.*"]) + list(package_dir),
     package_dir=package_dir,
+    package_data={name: ["*.yaml"] for name in config_packages()},
     entry_points={"console_scripts": ["fastcd=fastcd.cli:main"]},
     **cuda_extension(),
 )

@@ -6,16 +6,17 @@ Needs a CUDA GPU; `--cpu` runs tiny shapes under the Triton interpreter only to 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.errors import FastcdError
 from fastcd.losses.cd import cd_eager
 from fastcd.losses.gkd import gkd_eager
+from fastcd.utils.results import add_out_argument, peak_memory, record
 
 STAGE_CHANNELS = (64, 128, 256, 512)  # ResNet-18 and ResNet-34 (the connectors map to the teacher's)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,7 +157,7 @@ def report(title: str, rows: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.cpu:
-        import fastcd.kernels  # noqa: F401  (sets TRITON_INTERPRET=1 on a machine without CUDA)
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported (cd_impls, gkd_impls)
         device, batches, size, classes = torch.device("cpu"), [2], 32, 10
         names = [n for n in args.impls if n in ("eager", "triton")]
     elif not torch.cuda.is_available():

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from fastcd.bench.prepare import generated_dataset
-from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.config import DataConfig
 from fastcd.data import LoaderContext, build_loader
 from fastcd.data_prep.manifest import load_manifest
 from fastcd.errors import FastcdError
+from fastcd.utils.results import add_out_argument, peak_memory, record
 
 BACKENDS = ["imagefolder", "torch", "ffcv", "raw-ffcv", "dali", "raw-dali"]
 FASTCD = ("imagefolder", "torch", "ffcv", "dali")  # delivered to --device; the raw libraries stay on the CPU

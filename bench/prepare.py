@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from fastcd.bench.results import add_out_argument, record
 from fastcd.data_prep.manifest import load_manifest, manifest_path
 from fastcd.data_prep.prepare import JPEG_QUALITY, MAX_SIDE
+from fastcd.utils.results import add_out_argument, record
 
 DEFAULT_IMAGES = 3000
 CLASSES = 10

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor
 
 from fastcd.bench.prepare import generated_dataset, importable
-from fastcd.bench.results import add_out_argument, peak_memory, record
 from fastcd.config import Config, add_set_argument, load_config
 from fastcd.data import BatchLoader, LoaderContext, build_loader
 from fastcd.engine.runtime import seed_everything, setup_runtime
@@ -42,6 +41,7 @@ from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_params
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
 from fastcd.utils.machine import machine_info
+from fastcd.utils.results import add_out_argument, peak_memory, record
 
 PHASES = ("data", *STEP_PHASES)
 CPU_DEFAULTS = ["student.width=0.25", "teacher.width=0.25", "data.res=64", "data.val_res=64",

@@ -19,6 +19,7 @@ import yaml
 
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class, loss_params, nearest
+from fastcd.paths import shipped_config
 from fastcd.schedules.loss_rate import BASE_EPOCHS
 from fastcd.utils.ranges import Range, check_range
 
@@ -390,8 +391,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a YAML experiment file (with its `base:` chain); errors are one line naming the file."""
-    return config_from_dict(_read_yaml(Path(path)), overrides)
+    """Load a YAML experiment file (with its `base:` chain); errors are one line naming the file. A relative
+    `configs/...` path that is not in the current directory is one of the shipped configs."""
+    path = Path(path)
+    if not path.is_file():
+        path = shipped_config(path) or path
+    return config_from_dict(_read_yaml(path), overrides)
 
 
 def _check_ranges(obj: Any, where: str) -> None:

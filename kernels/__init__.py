@@ -1,16 +1,7 @@
-"""Fused kernels for the distillation losses (imported as `fastcd.kernels`).
+"""Fused kernels for the distillation losses and the GPU crop (imported as `fastcd.kernels`).
 
-One kernel per module, each in three layers: `@triton.jit` kernel(s), host launchers, and a
-`torch.autograd.Function`. `fastcd.losses` only dispatches to them.
-
-On a machine without CUDA, importing this package sets `TRITON_INTERPRET=1` (unless already set)
-before any kernel is defined, so the Triton kernels run on CPU tensors through Triton's
-interpreter: that is how the tests check them, in one pytest process with the rest of the suite.
-Triton reads the variable when a kernel is decorated, so it has to happen here, first.
+One kernel per module, in three layers: `@triton.jit` kernel(s), host launchers, and (for a loss) a
+`torch.autograd.Function`; `fastcd.losses` only dispatches to them. On a CPU the Triton kernels run
+only under Triton's interpreter (`TRITON_INTERPRET=1`, read when a kernel module is imported): the
+tests set it in `tests/conftest.py`, `fastcd bench kernels --cpu` for itself.
 """
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")

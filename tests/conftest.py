@@ -1,10 +1,15 @@
 """Shared fixtures: a tiny distillation config on synthetic data that trains in seconds on a CPU."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from fastcd.config import Config, config_from_dict
+
+if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (read when a kernel module is imported: here, first)
 
 
 @pytest.fixture(autouse=True, scope="session")

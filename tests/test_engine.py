@@ -10,10 +10,10 @@ import torch
 import yaml
 
 from fastcd.cli import main
-from fastcd.engine.checkpoint import load_checkpoint
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
 from fastcd.losses.ce import CELoss
+from fastcd.utils.checkpoint import load_checkpoint
 from tests.conftest import tiny_dict
 
 

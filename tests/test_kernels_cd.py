@@ -1,4 +1,4 @@
-"""The fused CD kernels (Triton; TRITON_INTERPRET=1 on CPU, set by fastcd.kernels) against the
+"""The fused CD kernels (Triton; TRITON_INTERPRET=1 on CPU, set by conftest.py) against the
 float64 reference: odd shapes, both layouts, three dtypes, values and gradients, poisoned outputs."""
 import functools
 

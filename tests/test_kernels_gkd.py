@@ -1,4 +1,4 @@
-"""The fused guided-KD kernel (Triton; TRITON_INTERPRET=1 on CPU, set by fastcd.kernels) against the
+"""The fused guided-KD kernel (Triton; TRITON_INTERPRET=1 on CPU, set by conftest.py) against the
 float64 reference: odd shapes, 1000 classes, ties, the empty mask, three dtypes, poisoned outputs."""
 import functools
 

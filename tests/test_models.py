@@ -6,10 +6,10 @@ import torch
 import torchvision
 
 from fastcd.config import TeacherConfig, config_from_dict
-from fastcd.engine.checkpoint import save_checkpoint
 from fastcd.errors import FastcdError
 from fastcd.models import ARCHS, StudentWithConnectors, build_resnet, freeze
 from fastcd.models.teacher import load_teacher
+from fastcd.utils.checkpoint import save_checkpoint
 
 EXPANSION = {"resnet18": 1, "resnet34": 1, "resnet50": 4, "resnet152": 4}
 

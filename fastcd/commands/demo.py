@@ -8,10 +8,11 @@ from pathlib import Path
 
 from fastcd.config import add_set_argument
 from fastcd.experiments import Experiment, run_experiments, table_rows
+from fastcd.paths import configs_dir
 from fastcd.report import seed_table
 from fastcd.utils.atomic import atomic_write_bytes
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fashion-mnist"
+CONFIGS = configs_dir() / "fashion-mnist"
 RUNS = [Experiment("teacher", "t_resnet34 (teacher, alone)"), Experiment("student", "s_resnet18 (student alone)"),
         Experiment("cd_gkd_edt", "s_resnet18.t_resnet34.cd.kdv2.lrdv2 (CD+GKD+EDT)")]
 

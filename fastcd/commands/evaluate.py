@@ -7,12 +7,12 @@ import torch
 
 from fastcd.config import add_set_argument, load_config
 from fastcd.data import LoaderContext, build_loader
-from fastcd.engine.checkpoint import load_checkpoint
 from fastcd.engine.distributed import teardown
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.runtime import setup_runtime
 from fastcd.errors import FastcdError
 from fastcd.models import build_resnet
+from fastcd.utils.checkpoint import load_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,15 +19,15 @@ import statistics
 import time
 from pathlib import Path
 
-from fastcd.bench.results import RESULTS_DIR
 from fastcd.config import add_set_argument
 from fastcd.errors import FastcdError
 from fastcd.experiments import Experiment, Result, experiment_config, run_experiments, table_rows
+from fastcd.paths import configs_dir, results_dir
 from fastcd.report import Row, seed_table
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
 from fastcd.utils.machine import machine_info
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fashion-mnist"
+CONFIGS = configs_dir() / "fashion-mnist"
 ROWS = [Experiment("teacher", "t_resnet34 (teacher, alone)"),
         Experiment("student", "s_resnet18 (student alone)"),
         Experiment("kd", "s_resnet18.t_resnet34.kd.ce (KD)"),
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET, help="training images")
     parser.add_argument("--val-subset", type=int, default=VAL_SUBSET, help="test images evaluated each epoch")
     parser.add_argument("--out", default="runs/repro-fashion-mnist", help="folder for the runs")
-    parser.add_argument("--report-dir", default=str(RESULTS_DIR), help="where the report goes")
+    parser.add_argument("--report-dir", default=str(results_dir()), help="where the report goes")
     add_set_argument(parser, "override applied to every run")
     parser.add_argument("--force", action="store_true", help="replace the runs a previous repro left in --out")
 

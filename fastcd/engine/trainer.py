@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from fastcd.config import Config
 from fastcd.data import LoaderContext, build_loader
-from fastcd.engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from fastcd.engine.distributed import describe_failure, is_collective_failure, teardown
 from fastcd.engine.epoch import format_record, train_epoch
 from fastcd.engine.evaluate import evaluate
@@ -34,6 +33,7 @@ from fastcd.models.fold import fold_batchnorm
 from fastcd.models.resnet import FeatureResNet
 from fastcd.models.teacher import load_teacher
 from fastcd.schedules import adjust_loss_alpha, build_lr_scheduler
+from fastcd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def build_models(cfg: Config, rt: Runtime,
@@ -202,4 +202,4 @@ def _train(run: Run, stop_after_epoch: int | None) -> list[dict[str, Any]]:
     return run.history
 
 
-__all__ = ["build_models", "build_optimizer", "build_step", "loss_weights", "train", "unwrap"]
+__all__ = ["build_models", "build_optimizer", "build_step", "loss_weights", "train"]

@@ -30,7 +30,7 @@ def _torchvision_state(cfg: TeacherConfig, weights_name: str) -> dict:
 
 
 def _checkpoint_state(cfg: TeacherConfig, path: str) -> dict:
-    from fastcd.engine.checkpoint import load_checkpoint
+    from fastcd.utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     made = ckpt["config"]["student"]

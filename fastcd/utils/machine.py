@@ -5,7 +5,6 @@ import datetime as _dt
 import os
 import platform
 import subprocess
-from pathlib import Path
 
 import torch
 
@@ -13,11 +12,14 @@ import torch
 def git_commit() -> str:
     """The checkout's HEAD commit (with '+dirty' if it has uncommitted changes); outside a checkout, the
     FASTCD_COMMIT environment variable, else 'unknown'."""
-    root = Path(__file__).resolve().parents[2]
+    from fastcd.paths import SOURCE_ROOT
+
+    if SOURCE_ROOT is None:
+        return os.environ.get("FASTCD_COMMIT", "unknown")
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=SOURCE_ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=SOURCE_ROOT, capture_output=True,
                                text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):  # not a checkout (e.g. a copy on a GPU machine)
         return os.environ.get("FASTCD_COMMIT", "unknown")

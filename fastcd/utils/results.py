@@ -1,4 +1,5 @@
-"""Record benchmark results: one JSON file per kind, machine and day under bench/results/, appended to."""
+"""Result records: one JSON file per kind, machine and day, appended to, in the results folder
+(`fastcd.paths.results_dir`: the checkout's bench/results/, or --out); peak memory beside each."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,9 @@ from pathlib import Path
 
 import torch
 
+from fastcd.paths import results_dir as default_results_dir
 from fastcd.utils.atomic import atomic_write_json
 from fastcd.utils.machine import machine_info, machine_name
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def peak_memory() -> dict[str, float]:
@@ -26,14 +26,14 @@ def peak_memory() -> dict[str, float]:
 
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
-    """`--out DIR`: where a benchmark appends its results (default bench/results/)."""
-    parser.add_argument("--out", default="", metavar="DIR", help=f"results folder (default {RESULTS_DIR})")
+    """`--out DIR`: where a benchmark appends its results (default: `fastcd.paths.results_dir()`)."""
+    parser.add_argument("--out", default="", metavar="DIR", help=f"results folder (default {default_results_dir()})")
 
 
 def record(kind: str, result: dict, results_dir: str | Path | None = None) -> Path:
     """Append `result` (with machine, date and commit) to `<date>-<machine>-<kind>.json` in `results_dir`
-    (default bench/results/); return its path."""
-    results_dir = Path(results_dir) if results_dir else RESULTS_DIR
+    (default: `fastcd.paths.results_dir()`); return its path."""
+    results_dir = Path(results_dir) if results_dir else default_results_dir()
     results_dir.mkdir(parents=True, exist_ok=True)
     day = _dt.date.today().isoformat()
     path = results_dir / f"{day}-{machine_name()}-{kind}.json"

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, unwrapped from DDP/compile, carrying the config that made them."""
+"""Checkpoints: written atomically, read back with tensors and plain values only, carrying the config that made
+them. Below every user (the trainer, the teacher loader, the commands)."""
 from __future__ import annotations
 
 import os
@@ -32,14 +33,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise FastcdError(f"{str(path)!r} is not a fastcd checkpoint (expected format {FORMAT})")
     return ckpt
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
