@@ -87,16 +87,21 @@ def importable(module: str) -> bool:
 
 
 def generated_dataset(out: Path, images: int, workers: int) -> dict:
-    """The manifest of the prepared folder `out`; when it holds none, `images` generated JPEGs (cached in the
-    temp folder) are prepared into it first, in the formats this machine can write (no `.beton` without ffcv)."""
-    if not manifest_path(out).is_file():
-        from fastcd.data_prep.prepare import prepare
+    """The manifest of the prepared folder `out`. A folder some `fastcd prepare` wrote is used as it is; any
+    other (empty, or written by this function before) gets `images` generated JPEGs (cached in the temp
+    folder) prepared into it, in the formats this machine can write (no `.beton` without ffcv): `prepare`
+    returns at once when that is already done, and rebuilds what an older fastcd or a damaged run left."""
+    marker = out / ".fastcd-bench-generated"
+    if manifest_path(out).is_file() and not marker.is_file():
+        return load_manifest(out)
+    from fastcd.data_prep.prepare import prepare
 
-        src = generate(Path(tempfile.gettempdir()) / f"fastcd-bench-jpegs-{images}", images, workers)
-        formats = ["ffcv", "dali"] if importable("ffcv") else ["dali"]
-        print(f"preparing {images} generated JPEGs from {src} into {out} ({', '.join(formats)})", flush=True)
-        prepare(src, out, formats=formats, splits=["train"], workers=workers, progress=False)
-    return load_manifest(out)
+    src = generate(Path(tempfile.gettempdir()) / f"fastcd-bench-jpegs-{images}", images, workers)
+    formats = ["ffcv", "dali"] if importable("ffcv") else ["dali"]
+    print(f"preparing {images} generated JPEGs from {src} into {out} ({', '.join(formats)})", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return prepare(src, out, formats=formats, splits=["train"], workers=workers, progress=False)
 
 
 class _FilesDataset:
