@@ -16,12 +16,14 @@ import torch
 from fastcd.errors import FastcdError
 from fastcd.losses.cd import cd_eager
 from fastcd.losses.gkd import gkd_eager
+from fastcd.losses.reference import cd_reference, gkd_reference
 from fastcd.utils.results import add_out_argument, peak_memory, record
 
 STAGE_CHANNELS = (64, 128, 256, 512)  # ResNet-18 and ResNet-34 (the connectors map to the teacher's)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTILES = [0.5, 0.2, 0.8]
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
+RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # of the loss, by input dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +100,9 @@ def gkd_impls(names: list[str]) -> dict[str, Callable]:
 
 
 def measure(loss_fn: Callable[[], torch.Tensor], grad_of: list[torch.Tensor], nbytes: int,
-            device: torch.device, copy_gbs: float) -> dict:
-    """Time of forward + backward (fresh gradients, none accumulated), GB/s of the minimal traffic."""
+            device: torch.device, copy_gbs: float, reference: float) -> dict:
+    """Time of forward + backward (fresh gradients, none accumulated), GB/s of the minimal traffic, and the
+    loss's relative error against the float64 `reference` (an impl that is wrong is not worth timing)."""
     def step() -> None:
         torch.autograd.grad(loss_fn(), grad_of)
 
@@ -110,9 +113,14 @@ def measure(loss_fn: Callable[[], torch.Tensor], grad_of: list[torch.Tensor], nb
         torch.cuda.reset_peak_memory_stats()
         step()
         extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.no_grad():
+        rel_err = abs(float(loss_fn()) - reference) / max(abs(reference), 1e-30)  # intentional sync
+    if not rel_err <= RTOL[grad_of[0].dtype]:
+        return {"status": "wrong", "rel_err": rel_err}
     med, p20, p80 = timer(step, device)
     gbs = nbytes / (med * 1e-3) / 1e9
-    out = {"ms": round(med, 4), "ms_p20": round(p20, 4), "ms_p80": round(p80, 4), "GBps": round(gbs, 1)}
+    out = {"status": "ok", "ms": round(med, 4), "ms_p20": round(p20, 4), "ms_p80": round(p80, 4),
+           "GBps": round(gbs, 1), "rel_err": float(f"{rel_err:.3g}")}
     if copy_gbs:
         out["pct_copy_bw"] = round(100 * gbs / copy_gbs, 1)
     if device.type == "cuda":
@@ -127,7 +135,9 @@ def bench_cd(batch: int, size: int, dtype: torch.dtype, layout: str, impls: dict
     stu = [torch.randn(s, device=device, dtype=dtype).to(memory_format=fmt).requires_grad_() for s in shapes]
     tea = [torch.randn(s, device=device, dtype=dtype).to(memory_format=fmt) for s in shapes]
     nbytes = 2 * sum(s.numel() for s in stu) * stu[0].element_size()  # read s, t (grad_s is an expand)
-    return {name: measure(lambda f=f: f(stu, tea), stu, nbytes, device, copy_gbs) for name, f in impls.items()}
+    reference = float(cd_reference(stu, tea))
+    return {name: measure(lambda f=f: f(stu, tea), stu, nbytes, device, copy_gbs, reference)
+            for name, f in impls.items()}
 
 
 def bench_gkd(batch: int, classes: int, dtype: torch.dtype, impls: dict, device: torch.device,
@@ -137,7 +147,8 @@ def bench_gkd(batch: int, classes: int, dtype: torch.dtype, impls: dict, device:
     labels = torch.where(torch.rand(batch, device=device) < 0.7, tea.argmax(dim=1),
                          torch.randint(0, classes, (batch,), device=device))
     nbytes = 3 * stu.numel() * stu.element_size()
-    return {name: measure(lambda f=f: f(stu, tea, labels, 4.0), [stu], nbytes, device, copy_gbs)
+    reference = float(gkd_reference(stu, tea, labels, 4.0))
+    return {name: measure(lambda f=f: f(stu, tea, labels, 4.0), [stu], nbytes, device, copy_gbs, reference)
             for name, f in impls.items()}
 
 
@@ -146,11 +157,14 @@ def report(title: str, rows: dict) -> None:
     print(f"\n{title}")
     base = rows.get("eager", {}).get("ms")
     for name, r in rows.items():
+        if r["status"] != "ok":
+            print(f"  {name:8s} WRONG: the loss is {r['rel_err']:.2g} away from the float64 reference; not timed")
+            continue
         ratio = f"{base / r['ms']:6.2f}x eager" if base else ""
         pct = f"{r['pct_copy_bw']:5.1f}% of copy" if "pct_copy_bw" in r else ""
         mem = f"+{r['peak_extra_mib']:.0f} MiB peak" if "peak_extra_mib" in r else ""
         print(f"  {name:8s} {r['ms']:9.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]  {r['GBps']:8.1f} GB/s  "
-              f"{pct}  {ratio}  {mem}")
+              f"{pct}  {ratio}  {mem}  rel. err {r['rel_err']:.1e}")
         if base:
             r["speedup_vs_eager"] = round(base / r["ms"], 3)
 

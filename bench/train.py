@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from fastcd.bench.prepare import generated_dataset, importable
-from fastcd.config import Config, add_set_argument, load_config
-from fastcd.data import BatchLoader, LoaderContext, build_loader
-from fastcd.engine.runtime import seed_everything, setup_runtime
+from fastcd.config import Config, add_set_argument, drop_overrides_into_null, load_config
+from fastcd.data import BatchLoader, build_loader
+from fastcd.engine.runtime import loader_context, seed_everything, setup_runtime
 from fastcd.engine.step import PHASES as STEP_PHASES
 from fastcd.engine.step import DistillStep
 from fastcd.engine.trainer import build_step, loss_weights
@@ -116,9 +116,7 @@ def _build_step(cfg: Config, cuda_graphs: bool) -> tuple[DistillStep, BatchLoade
     """The training step of `cfg` (as `fastcd train` builds it) and its train loader."""
     rt = setup_runtime(cfg.train)
     seed_everything(cfg.train.seed)
-    ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
-                        seed=cfg.train.seed)
-    loader = build_loader(cfg.data, "train", ctx)
+    loader = build_loader(cfg.data, "train", loader_context(cfg, rt))
     if len(loader) == 0:
         raise FastcdError(f"data.batch_size={cfg.data.batch_size} exceeds the {loader.num_samples} "
                           "training samples")
@@ -332,15 +330,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _base_config(args: argparse.Namespace, cuda: bool, data: PreparedData | None) -> tuple[Config, list[str]]:
-    """The benchmarked config (random teacher, CPU size defaults, data, the user's --set), its overrides."""
-    overrides = ["teacher.weights=none", "train.progress=false"]
-    overrides += [] if cuda else ["train.device=cpu", *CPU_DEFAULTS]
-    overrides += [f"{part}.num_classes={data.classes}" for part in ("student", "teacher")] if data else []
+    """The benchmarked config (random teacher, CPU size defaults, data, the user's --set), its overrides. The
+    defaults' `teacher.*` fields are dropped for a config without a teacher; the user's are not."""
+    defaults = ["teacher.weights=none", "train.progress=false"]
+    defaults += [] if cuda else ["train.device=cpu", *CPU_DEFAULTS]
+    defaults += [f"{part}.num_classes={data.classes}" for part in ("student", "teacher")] if data else []
     if not data:
-        overrides.append("data.backend=synthetic")
-    overrides += args.overrides
-    if load_config(args.config, [o for o in args.overrides if o.startswith("teacher=")]).teacher is None:
-        overrides = [o for o in overrides if not o.startswith("teacher.")]  # they would create a teacher
+        defaults.append("data.backend=synthetic")
+    overrides = [*drop_overrides_into_null(args.config, defaults), *args.overrides]
     return load_config(args.config, overrides), overrides
 
 

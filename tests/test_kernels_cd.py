@@ -149,3 +149,14 @@ def test_auto_takes_the_fastest_kernel_that_can_run():
     assert resolve_impl("auto", OnCuda()) == "triton"
     assert resolve_impl("auto", torch.zeros(1), cuda_ok=True) == "eager"
     assert resolve_impl("triton", OnCuda(), cuda_ok=True) == "triton"
+
+
+def test_the_kernel_benchmark_times_only_a_loss_that_matches_the_reference():
+    from fastcd.bench.kernels import measure
+
+    x = torch.randn(64, requires_grad=True)
+    right = float((x.double() ** 2).sum())
+    ok = measure(lambda: (x**2).sum(), [x], 256, torch.device("cpu"), 0.0, reference=right)
+    assert ok["status"] == "ok" and ok["rel_err"] < 1e-5 and ok["ms"] > 0
+    wrong = measure(lambda: (x**2).sum(), [x], 256, torch.device("cpu"), 0.0, reference=right * 1.01)
+    assert wrong["status"] == "wrong" and "ms" not in wrong

@@ -6,10 +6,10 @@ import argparse
 import torch
 
 from fastcd.config import add_set_argument, load_config
-from fastcd.data import LoaderContext, build_loader
+from fastcd.data import build_loader
 from fastcd.engine.distributed import teardown
 from fastcd.engine.evaluate import evaluate
-from fastcd.engine.runtime import setup_runtime
+from fastcd.engine.runtime import loader_context, setup_runtime
 from fastcd.errors import FastcdError
 from fastcd.models import build_resnet
 from fastcd.utils.checkpoint import load_checkpoint
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])
         model.load_state_dict(ckpt["model"])
         model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
-        ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
-                            rt.rank, rt.world_size, cfg.train.seed)
+        ctx = loader_context(cfg, rt)
         result = evaluate(model, build_loader(cfg.data, "val", ctx), rt, cfg.data.flip_tta)
     finally:
         teardown(rt)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastcd.config import TrainConfig
+from fastcd.config import Config, TrainConfig
+from fastcd.data import LoaderContext
 from fastcd.errors import FastcdError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,3 +99,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def loader_context(cfg: Config, rt: Runtime) -> LoaderContext:
+    """Where and how the run's loaders deliver: its device, autocast dtype, layout, classes, rank and seed."""
+    return LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes, rt.rank,
+                         rt.world_size, cfg.train.seed)

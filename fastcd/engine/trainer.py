@@ -17,13 +17,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from fastcd.config import Config
-from fastcd.data import LoaderContext, build_loader
+from fastcd.data import build_loader
 from fastcd.engine.distributed import describe_failure, is_collective_failure, teardown
 from fastcd.engine.epoch import format_record, train_epoch
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.resume import check_resumable, restore
 from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
-from fastcd.engine.runtime import Runtime, rng_state, seed_everything, set_rng_state, setup_runtime
+from fastcd.engine.runtime import Runtime, loader_context, rng_state, seed_everything, set_rng_state, setup_runtime
 from fastcd.engine.sinks import MetricsLog, require_tensorboard
 from fastcd.engine.step import DistillStep
 from fastcd.errors import FastcdError
@@ -100,8 +100,7 @@ class Run:
         out = cfg.out_path
         self.latest, self.best_path = out / "latest.pt", out / "best.pt"
         seed_everything(cfg.train.seed)
-        ctx = LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes,
-                            rt.rank, rt.world_size, cfg.train.seed)
+        ctx = loader_context(cfg, rt)
         self.train_loader, self.val_loader = build_loader(cfg.data, "train", ctx), build_loader(cfg.data, "val", ctx)
         steps = len(self.train_loader)
         self.steps = min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps

@@ -1,6 +1,7 @@
 """Float64 references of every loss, written straight from DESIGN.md's formulas.
 
-Used by the tests and the benchmarks alike; deliberately plain (explicit exp/log, no fused ops).
+Used by the tests and by `fastcd bench kernels` (which times only an impl that matches them); deliberately
+plain (explicit exp/log, no fused ops).
 """
 from __future__ import annotations
 
