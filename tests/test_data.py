@@ -132,7 +132,8 @@ def test_imagefolder_loader_and_errors(tmp_path):
 
 def test_single_sample_and_undersized_batches(tmp_path):
     """A last val batch of one sample and a split smaller than a batch (synthetic/in-memory and imagefolder):
-    labels stay 1-D, `len` matches what is yielded; a train split smaller than a batch yields nothing."""
+    labels stay 1-D, `len` matches what is yielded; a train split smaller than a batch, and a rank whose val
+    share is empty, yield nothing."""
     for c in ("cat", "dog"):
         for split in ("train", "val"):
             (tmp_path / split / c).mkdir(parents=True)
@@ -150,3 +151,5 @@ def test_single_sample_and_undersized_batches(tmp_path):
         assert [x.shape for x, _ in batches] == [(n, 3, 16, 16) for n in sizes]
         train = build_loader(replace(cfg, train_subset=3 if cfg.backend == "synthetic" else 0), "train", ctx)
         assert len(train) == 0 and list(train) == []
+        empty_share = build_loader(replace(cfg, val_subset=1), "val", replace(ctx, rank=1, world_size=2))
+        assert len(empty_share) == 0 and list(empty_share) == []

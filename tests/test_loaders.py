@@ -244,8 +244,9 @@ def test_short_training_run(data: dict, tmp_path: Path, backend: str) -> None:
 
 @pytest.mark.parametrize("backend", ["ffcv", "dali"])
 def test_small_and_single_sample_batches(data: dict, backend: str) -> None:
-    """A last val batch of one sample, a val split smaller than a batch and a train split smaller than a
-    batch: labels stay 1-D (one per image), batch sizes and `len` agree with what is yielded."""
+    """A last val batch of one sample, a val split smaller than a batch, a train split smaller than a batch and
+    a rank whose val share is empty: labels stay 1-D (one per image), batch sizes and `len` agree with what is
+    yielded."""
     expected = data["labels"]["val"]
     for val_batch, subset, sizes in [(7, 0, [7, 7, 1]), (4, 3, [3]), (4, 1, [1])]:
         loader = build_loader(config(data, backend, val_batch_size=val_batch, val_subset=subset), "val", context())
@@ -255,6 +256,8 @@ def test_small_and_single_sample_batches(data: dict, backend: str) -> None:
         assert torch.cat([y for _, y in batches]).tolist() == expected[:sum(sizes)]
     train = build_loader(config(data, backend, train_subset=5), "train", context())
     assert len(train) == 0 and epoch(train, 0)[0] == []
+    empty_share = build_loader(config(data, backend, val_subset=1), "val", context(rank=1, world_size=2))
+    assert len(empty_share) == 0 and list(empty_share) == []
 
 
 def _dali_batches_with_outputs(loader) -> list:
