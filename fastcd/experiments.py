@@ -1,10 +1,14 @@
 """Run a list of experiments from one config folder: a teacher first, then the rows that distil from it.
 
-Used by `fastcd demo` (one seed) and `fastcd repro` (several): each seed trains its own teacher, and
-that seed's distilled students read the teacher's `best.pt`.
+Used by `fastcd demo` (one seed) and `fastcd repro` (several): each seed has its own teacher, and that
+seed's distilled students read the teacher's final checkpoint (`latest.pt`, the one whose error the table
+reports). A teacher folder that already holds a finished run of exactly the same config is reused, not
+retrained.
 """
 from __future__ import annotations
 
+import resource
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,67 +18,126 @@ from typing import Any
 from fastcd.config import Config, drop_overrides_into_null, load_config
 from fastcd.engine.run_folder import check_run_folder
 from fastcd.engine.trainer import train
+from fastcd.errors import FastcdError
 from fastcd.report import Row
+from fastcd.utils.checkpoint import load_checkpoint
 
-TEACHER = "teacher"  # the config (file stem) whose best checkpoint the other rows distil from
+TEACHER = "t_resnet34"  # the config (file stem) whose final checkpoint the other rows distil from
+# Fields that do not change what a run computes: ignored when deciding whether a finished run can be reused.
+COSMETIC = {"train": ("progress", "log_every", "tensorboard", "out_dir", "dist_timeout_s")}
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One row: its config file stem in the folder, its label in the table, overrides of its own."""
+    """One row: its config file stem in the folder, its label in the table, what it trains (the seed's
+    Reference column), overrides of its own, and its run folder's name (default: the key)."""
 
     key: str
     label: str
+    method: str = ""
     overrides: tuple[str, ...] = ()
+    folder: str = ""
 
 
 @dataclass
 class Result:
-    """One finished run."""
+    """One finished run: wall-clock and CPU seconds (this process and its loader workers); `reused` when an
+    earlier run of the same config was found and not retrained."""
 
     experiment: Experiment
     seed: int | None
     config: Config
     history: list[dict[str, Any]]
     seconds: float
+    cpu_seconds: float = 0.0
+    reused: bool = False
 
 
 def experiment_config(folder: Path, exp: Experiment, run_dir: Path, overrides: Sequence[str],
                       seed: int | None) -> Config:
-    """The config of `exp` writing to `run_dir/<key>`; a row with a teacher reads `run_dir/teacher/best.pt`.
-    The overrides are shared by every row: `teacher.*` ones apply only to rows that have a teacher."""
+    """The config of `exp` writing to `run_dir/<folder or key>`; a row with a teacher reads
+    `run_dir/<TEACHER>/latest.pt` unless the overrides set `teacher.weights`. The overrides are shared by every
+    row: `teacher.*` ones apply only to rows that have a teacher."""
     path = folder / f"{exp.key}.yaml"
-    extra = [f"train.out_dir={run_dir / exp.key}", *overrides, *exp.overrides,
-             *([f"train.seed={seed}"] if seed is not None else []),
-             f"teacher.weights={run_dir / TEACHER / 'best.pt'}"]
+    extra = [f"train.out_dir={run_dir / (exp.folder or exp.key)}", f"teacher.weights={run_dir / TEACHER / 'latest.pt'}",
+             *overrides, *exp.overrides, *([f"train.seed={seed}"] if seed is not None else [])]
     return load_config(path, drop_overrides_into_null(path, extra))
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its reaped children (loader worker processes)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _essential(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (plain values) less the COSMETIC fields."""
+    return {k: ({f: v for f, v in section.items() if f not in COSMETIC[k]} if k in COSMETIC else section)
+            for k, section in config.items()}
+
+
+def finished_run(cfg: Config) -> list[dict[str, Any]] | None:
+    """The history of a finished run of `cfg` in its folder — final checkpoint made with the same config
+    (up to COSMETIC fields), all `train.epochs` epochs trained and evaluated — or None."""
+    latest = cfg.out_path / "latest.pt"
+    if not latest.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(latest)
+    except FastcdError:
+        return None
+    history = ckpt.get("history") or []
+    if (_essential(ckpt.get("config", {})) != _essential(cfg.to_dict()) or ckpt.get("epoch") != cfg.train.epochs
+            or len(history) != cfg.train.epochs or history[-1].get("val_top1_err") is None):
+        return None
+    return history
+
+
 def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, overrides: Sequence[str],
-                    seeds: Sequence[int | None] = (None,), force: bool = False) -> list[Result]:
-    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. A run
-    folder that holds a previous run is an error, found before anything trains, unless `force`."""
+                    seeds: Sequence[int | None] = (None,), force: bool = False,
+                    fresh_teacher: bool = False) -> list[Result]:
+    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. A teacher
+    folder holding a finished run of the same config is reused (unless `fresh_teacher`); any other run folder
+    that holds a previous run is an error, found before anything trains, unless `force`."""
     plan = [(seed, exp, experiment_config(folder, exp, out if seed is None else out / f"seed{seed}", overrides,
                                           seed)) for seed in seeds for exp in experiments]
+    reusable = {id(cfg): history for _, exp, cfg in plan if exp.key == TEACHER and not fresh_teacher
+                and (history := finished_run(cfg)) is not None}
     for _, _, cfg in plan:
-        check_run_folder(cfg.out_path, resume=False, force=force)
+        if id(cfg) not in reusable:
+            check_run_folder(cfg.out_path, resume=False, force=force)
     results = []
     for seed, exp, cfg in plan:
         where = "" if seed is None else f", seed {seed}"
+        if id(cfg) in reusable:
+            print(f"== {exp.label}{where}: reusing the finished run in {cfg.out_path} (trained earlier with the "
+                  f"same config; --fresh-teacher retrains it)", flush=True)
+            results.append(Result(exp, seed, cfg, reusable[id(cfg)], 0.0, reused=True))
+            continue
         print(f"== {exp.label}: {cfg.train.epochs} epochs on {cfg.data.train_subset or 'all'} training "
               f"images{where}", flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         history = train(cfg, force=force)
-        results.append(Result(exp, seed, cfg, history, time.perf_counter() - start))
+        results.append(Result(exp, seed, cfg, history, time.perf_counter() - start, cpu_seconds() - cpu))
     return results
 
 
 def table_rows(results: Sequence[Result]) -> list[Row]:
-    """One `Row` per experiment (in first-run order): final-epoch val errors and seconds of each seed."""
+    """One `Row` per experiment (per run folder name; in first-run order): final-epoch val errors and seconds
+    of each seed; a row whose runs were all reused says so in its wall-clock cell."""
     rows: dict[str, Row] = {}
+    reused: dict[str, list[bool]] = {}
     for r in results:
-        row = rows.setdefault(r.experiment.key, Row(r.experiment.label))
+        key = r.experiment.folder or r.experiment.key
+        row = rows.setdefault(key, Row(r.experiment.label, r.experiment.method))
+        row.seeds.append(r.seed)
         row.top1.append(r.history[-1]["val_top1_err"])
         row.top5.append(r.history[-1]["val_top5_err"])
         row.seconds.append(r.seconds)
+        reused.setdefault(key, []).append(r.reused)
+    for key, row in rows.items():
+        trained = [s for s, flag in zip(row.seconds, reused[key]) if not flag]
+        if len(trained) < len(row.seconds):
+            row.wall = (f"{statistics.mean(trained) / 60:.1f} min ({len(row.seconds) - len(trained)} reused)"
+                        if trained else "reused")
     return list(rows.values())

@@ -139,7 +139,8 @@ def test_rkd_degenerate_batches_are_finite(make) -> None:  # type: ignore[no-unt
         assert float(stu.grad.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize(("folder", "stem"), [("imagenet", "s_resnet18.t_resnet34."), ("fashion-mnist", "")])
+@pytest.mark.parametrize(("folder", "stem"), [("imagenet", "s_resnet18.t_resnet34."),
+                                              ("fashion-mnist", "s_resnet18.t_resnet34.")])
 @pytest.mark.parametrize(("method", "loss_name", "rate"), [("at", "ATLoss", 1000.0), ("fitnets", "FitNetLoss", 100.0),
                                                            ("rkd", "RKDLoss", 1.0)])
 def test_method_configs_load(folder: str, stem: str, method: str, loss_name: str, rate: float) -> None:

@@ -1,58 +1,147 @@
-"""`fastcd repro fashion-mnist` end to end with a tiny budget: every row, both seeds, the report and its plot."""
+"""`fastcd repro fashion-mnist` and `fastcd demo` end to end with a tiny budget: every row of the seed's table,
+the paired differences, the report and its plot; a finished teacher reused, not retrained."""
 import re
 
 import pytest
-import torch
 
 from fastcd.cli import main
-from fastcd.commands.repro import OPTIONAL, ROWS
+from fastcd.commands.repro import CONFIGS, ROWS, SEED_TOP1
 
 TINY = ["data.batch_size=64", "student.width=0.0625", "teacher.width=0.0625", "data.res=16", "data.val_res=16"]
+TINY_ARGS = [a for o in TINY for a in ("--set", o)]
+SEED_ROWS = ["ResNet18-B", "ResNet18.at", *(f"s_resnet18.t_resnet34.{k}" for k in (
+    "kd.ce", "cd.ce", "cd.ce.lrdv1", "cd.ce.lrdv2", "cd.kd.lrdv2", "cd.kdv2.lrdv2"))]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread (two spinning OpenMP threads per process crawl on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def test_rows_are_the_seed_table_plus_teacher_fitnets_rkd() -> None:
+    labels = [e.label for e in ROWS]
+    assert labels[1:len(SEED_ROWS) + 1] == SEED_ROWS and list(SEED_TOP1) == SEED_ROWS
+    assert labels[0] == "t_resnet34" and labels[-2:] == ["s_resnet18.t_resnet34.fitnets", "s_resnet18.t_resnet34.rkd"]
+    for e in ROWS:
+        assert (CONFIGS / f"{e.key}.yaml").is_file() and e.method
 
 
-def test_repro_writes_the_report_with_every_row_and_the_plot(tmp_path, capsys):
-    args = ["repro", "fashion-mnist", "--seeds", "2", "--epochs", "2", "--teacher-epochs", "1", "--train-subset",
+def test_repro_writes_the_report_with_every_row_paired_differences_and_the_plot(tmp_path, capsys) -> None:
+    args = ["repro", "fashion-mnist", "--seeds", "2", "--epochs", "1", "--teacher-epochs", "1", "--train-subset",
             "128", "--val-subset", "64", "--out", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "report")]
-    assert main(args + [a for o in TINY for a in ("--set", o)]) == 0
+    assert main(args + TINY_ARGS) == 0
     (md,) = (tmp_path / "report").glob("repro-fashion-mnist-*.md")
     text = md.read_text()
-    for exp in ROWS + OPTIONAL:
-        line = next(x for x in text.splitlines() if x.startswith(f"| {exp.label} |"))
-        top1, top5 = line.split(" | ")[2:4]
-        assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", top1) and re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", top5), line
-    assert "--train-subset 128" in text and "commit" in text and "cpu" in text
-    assert text.count("vs the student alone") == len(ROWS) + len(OPTIONAL) - 2 and "the teacher" in text
+    mean_sd = r"\d+\.\d\d ± \d+\.\d\d"
+    for exp in ROWS:
+        line = next(x for x in text.splitlines() if x.startswith(f"| {exp.label} | {exp.method} | 1-crop |"))
+        top1, top5 = line.split(" | ")[3:5]
+        assert re.fullmatch(mean_sd, top1) and re.fullmatch(mean_sd, top5), line
+    paired_lines = [x for x in text.split("## Paired differences")[1].split("##")[0].splitlines() if x.startswith("| ")]
+    assert len(paired_lines) == 2 + len(ROWS) - 1  # header, rule, every student
+    for line in paired_lines[2:]:
+        assert re.search(r"\| [+-]\d+\.\d\d, [+-]\d+\.\d\d \| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\] \| "
+                         r"(better|worse|same) \|", line) or "| — | — | — |" in line, line
+    ordering = text.split("## The seed's ordering against ours")[1].split("## Discussion")[0]
+    assert ordering.count("| EDT (lrdv2) | s_resnet18.t_resnet34.cd.ce.lrdv2 vs s_resnet18.t_resnet34.cd.ce.lrdv1 | "
+                          "-0.27 |") == 1
+    assert "resolved and in the seed's direction" in ordering and "| 27.73 | 8 |" not in ordering
+    assert "--train-subset 128" in text and "commit" in text and "CPU time" in text
     assert md.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for seed in (0, 1):
-        assert (tmp_path / "runs" / f"seed{seed}" / "teacher" / "best.pt").is_file()
-        lines = (tmp_path / "runs" / f"seed{seed}" / "cd" / "metrics.jsonl").read_text().splitlines()
-        assert sum('"kind": "epoch"' in line for line in lines) == 2
+        assert (tmp_path / "runs" / f"seed{seed}" / "t_resnet34" / "latest.pt").is_file()
+        lines = (tmp_path / "runs" / f"seed{seed}" / "s_resnet18.t_resnet34.cd.ce" / "metrics.jsonl").read_text()
+        assert lines.count('"kind": "epoch"') == 1
     assert "report:" in capsys.readouterr().out
 
 
-def test_repro_rejects_bad_arguments(tmp_path, capsys):
+def test_repro_rejects_bad_arguments(tmp_path, capsys) -> None:
     assert main(["repro", "fashion-mnist", "--seeds", "0", "--out", str(tmp_path)]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
 
 
-def test_experiments_refuse_a_previous_run_before_training_anything(tmp_path, capsys):
-    from fastcd.commands.repro import CONFIGS
+def test_repro_budget_scales_epochs_with_minutes_and_seeds() -> None:
+    import argparse
+
+    from fastcd.commands.repro import BUDGET_MINUTES, EPOCHS, SEEDS, TEACHER_EPOCHS, epochs_for
+
+    def args(**kw):
+        base = {"seeds": SEEDS, "budget_minutes": BUDGET_MINUTES, "epochs": None, "teacher_epochs": None}
+        return argparse.Namespace(**{**base, **kw})
+
+    assert epochs_for(args()) == (EPOCHS, TEACHER_EPOCHS)
+    assert epochs_for(args(budget_minutes=BUDGET_MINUTES / 2)) == (round(EPOCHS / 2), round(TEACHER_EPOCHS / 2))
+    assert epochs_for(args(seeds=2 * SEEDS)) == (round(EPOCHS / 2), round(TEACHER_EPOCHS / 2))
+    assert epochs_for(args(epochs=3, teacher_epochs=5)) == (3, 5)
+
+
+def test_experiments_refuse_a_previous_run_before_training_anything(tmp_path, capsys) -> None:
     from fastcd.errors import FastcdError
     from fastcd.experiments import run_experiments
 
-    (tmp_path / "student").mkdir()
-    (tmp_path / "student" / "metrics.jsonl").write_text("")
-    with pytest.raises(FastcdError, match="student' already holds a run .*--force"):
+    (tmp_path / "s_resnet18.baseline").mkdir()
+    (tmp_path / "s_resnet18.baseline" / "metrics.jsonl").write_text("")
+    with pytest.raises(FastcdError, match="baseline' already holds a run .*--force"):
         run_experiments(CONFIGS, ROWS[:2], tmp_path, [])
-    assert not (tmp_path / "teacher").exists()
+    assert not (tmp_path / "t_resnet34").exists()
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_a_finished_teacher_of_the_same_config_is_reused_and_any_change_retrains(tmp_path, capsys) -> None:
+    from fastcd.errors import FastcdError
+    from fastcd.experiments import run_experiments
+
+    common = ["train.epochs=1", "data.train_subset=128", "data.val_subset=64", "train.progress=false", *TINY]
+    rows = ROWS[:2]
+    first = run_experiments(CONFIGS, rows, tmp_path, common)
+    latest = tmp_path / "t_resnet34" / "latest.pt"
+    stamp = latest.stat().st_mtime_ns
+    second = run_experiments(CONFIGS, rows, tmp_path, [*common, "train.log_every=5"], force=True)
+    assert second[0].reused and not second[1].reused and latest.stat().st_mtime_ns == stamp
+    assert second[0].history == first[0].history
+    assert "reusing the finished run" in capsys.readouterr().out
+    with pytest.raises(FastcdError, match="t_resnet34' already holds a run"):  # another config: not reusable
+        run_experiments(CONFIGS, rows, tmp_path, [*common, "optim.lr=0.05"])
+    fresh = run_experiments(CONFIGS, rows, tmp_path, common, force=True, fresh_teacher=True)
+    assert not fresh[0].reused and latest.stat().st_mtime_ns != stamp
+
+
+def test_a_teacher_stopped_early_is_not_reused(tmp_path) -> None:
+    from fastcd.config import load_config
+    from fastcd.engine.trainer import train
+    from fastcd.experiments import finished_run
+
+    cfg = load_config(CONFIGS / "t_resnet34.yaml", ["train.epochs=2", "data.train_subset=128", "data.val_subset=64",
+                                                    "train.progress=false", f"train.out_dir={tmp_path}",
+                                                    *[o for o in TINY if not o.startswith("teacher.")]])
+    train(cfg, stop_after_epoch=1)
+    assert finished_run(cfg) is None
+    train(cfg, resume=True)
+    assert finished_run(cfg) is not None
+
+
+def test_demo_prints_a_filled_table_the_gap_closed_and_reuses_its_teacher(tmp_path, capsys) -> None:
+    args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--teacher-epochs", "1", "--train-subset", "128",
+            "--set", "data.val_subset=64", *TINY_ARGS]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    table = [x for x in out.splitlines() if x.startswith("| ")]
+    assert len(table) == 5 and all("|  |" not in x for x in table)
+    assert table[2].startswith("| t_resnet34 | teacher, alone | 1-crop |")
+    assert table[3].startswith("| ResNet18-B | student alone | 1-crop |")
+    assert table[4].startswith("| s_resnet18.t_resnet34.cd.kdv2.lrdv2 | CD+GKD+EDT | 1-crop |")
+    assert re.search(r"The teacher (leads the student alone by \d+\.\d\d points .* closed -?\d+\.\d\d of them|"
+                     r"does not lead the student alone)", out)
+    assert (tmp_path / "table.md").read_text().strip().endswith(out.strip().splitlines()[-1])
+    assert main(args + ["--force"]) == 0
+    again = capsys.readouterr().out
+    assert "reusing the finished run" in again and "| t_resnet34 | teacher, alone | 1-crop |" in again
+    assert re.search(r"\| t_resnet34 \|.*\| reused \|", again) and "was not retrained" in again
+
+
+def test_gap_closed_line() -> None:
+    from fastcd.commands.demo import gap_closed
+    from fastcd.report import Row
+
+    rows = [Row("t_resnet34", top1=[10.0]), Row("ResNet18-B", top1=[14.0]),
+            Row("s_resnet18.t_resnet34.cd.kdv2.lrdv2", top1=[11.0])]
+    line = gap_closed(rows)
+    assert "leads the student alone by 4.00 points" in line and "closed 3.00 of them (75%" in line
+    rows[0].top1 = [15.0]
+    assert "does not lead" in gap_closed(rows)

@@ -9,7 +9,8 @@ from fastcd.engine.trainer import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. configs/fashion-mnist/cd_gkd_edt.yaml")
+    parser.add_argument("config", help="experiment YAML, e.g. "
+                        "configs/fashion-mnist/s_resnet18.t_resnet34.cd.kdv2.lrdv2.yaml")
     add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
     parser.add_argument("--force", action="store_true",

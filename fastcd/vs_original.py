@@ -1,0 +1,243 @@
+"""Accuracy at reduced wall clock: the original pipeline against fastcd's fastest path, on the same data.
+
+`fastcd repro fashion-mnist --vs-original`:
+1. writes Fashion-MNIST as a JPEG ImageNet-layout tree (`fastcd.data.fashion_mnist_jpeg`) and prepares it
+   once with `fastcd prepare` (timed, and not counted per run: it is done once per dataset);
+2. trains one teacher (fastcd, on the idx files; reused when a finished run of the same config is there);
+3. measures, in this process, what each knob buys per training step (the per-knob breakdown, from
+   `fastcd bench train`'s machinery): the original, then the teacher's BatchNorm in eval mode, folded,
+   channels_last, bf16 autocast, the fused optimizer, then each prepared-data loader backend;
+4. trains CD+GKD+EDT once per seed with each pipeline, interleaved (original, fastcd, next seed), so load
+   that drifts during the run falls on both:
+   - the original, as the seed's code ran it: ImageFolder + PIL over the JPEG files, fp32, NCHW, eager
+     losses, the teacher's BatchNorm in train mode (batch statistics), unfused SGD;
+   - fastcd: the prepared shards through the fastest loader backend of the breakdown, and each knob the
+     breakdown found faster (without a breakdown, `FAST_DEFAULT`, measured on the 2-core CPU);
+5. writes `<report-dir>/vs-original-fashion-mnist-<date>.md` (and the JSON record): top-1/top-5 error
+   (mean ± stdev), wall-clock and CPU time per run for both, their ratio, the paired accuracy difference,
+   and the breakdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastcd.config import load_config
+from fastcd.data.fashion_mnist_jpeg import write_jpeg_tree
+from fastcd.experiments import TEACHER, Experiment, Result, cpu_seconds, run_experiments, table_rows
+from fastcd.losses.registry import loss_params
+from fastcd.paths import configs_dir
+from fastcd.report import Row, mean_sd, paired
+from fastcd.utils.atomic import atomic_write_bytes
+
+CONFIGS = configs_dir() / "fashion-mnist"
+DISTILLED = "s_resnet18.t_resnet34.cd.kdv2.lrdv2"
+LOADERS = ("torch", "ffcv", "dali")
+# The speed knobs, in the order the breakdown adds them (each row keeps the ones before).
+KNOBS = [("teacher BN eval", ("teacher.bn_mode=eval",)), ("teacher BN folded", ("teacher.fold_bn=true",)),
+         ("channels_last", ("train.channels_last=true",)), ("autocast bf16", ("train.amp=bf16",)),
+         ("fused optimizer", ("optim.fused=true",))]
+# fastcd's path without a breakdown: every knob and the dali backend, the fastest on the 2-core CPU in
+# one-thread CPU-time trials (docs/benchmarks.md).
+FAST_DEFAULT = ("dali", [o for _, knob in KNOBS for o in knob])
+NOISE = 0.03  # a knob is left out only when the breakdown found it slower by more than this (20-step timings)
+
+
+def impl_overrides(impl: str) -> list[str]:
+    """`impl` for every loss of the distilled config that has fused kernels (eager = the original)."""
+    cfg = load_config(CONFIGS / f"{DISTILLED}.yaml")
+    return [f"loss_list.{i}.impl={impl}" for i, s in enumerate(cfg.loss_list) if "impl" in loss_params(s.loss_name)]
+
+
+def original_overrides(tree: Path, workers: int) -> list[str]:
+    """The original pipeline: ImageFolder + PIL over the JPEG tree, fp32, NCHW, eager losses, the teacher's
+    BatchNorm in train mode, unfused SGD, no compile."""
+    return ["data.backend=imagefolder", f"data.path={tree}", f"data.workers={workers}", "train.amp=fp32",
+            "train.channels_last=false", "teacher.bn_mode=train", "teacher.fold_bn=false", "optim.fused=false",
+            "train.compile=false", *impl_overrides("eager")]
+
+
+def merged(overrides: list[str]) -> list[str]:
+    """`key=value` overrides with each key once, at its first place, holding its last value."""
+    values: dict[str, str] = {}
+    for o in overrides:
+        key, value = o.split("=", 1)
+        values[key] = value
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def fast_overrides(prepared: Path, workers: int, backend: str, knobs: list[str]) -> list[str]:
+    """fastcd's path: the prepared shards through `backend`, every knob off unless `knobs` turns it on."""
+    return merged([f"data.backend={backend}", f"data.path={prepared}", f"data.workers={workers}", "train.amp=fp32",
+                   "train.channels_last=false", "teacher.bn_mode=eval", "teacher.fold_bn=false", "optim.fused=false",
+                   "train.compile=false", *impl_overrides("auto"), *knobs])
+
+
+@dataclass
+class Choice:
+    """fastcd's path: the loader backend, the knob overrides, and why (one line per knob)."""
+
+    backend: str
+    knobs: list[str]
+    reasons: list[str]
+
+
+def breakdown(common: list[str], tree: Path, prepared: Path, workers: int, steps: int) -> list[dict]:
+    """Images/s of the training step: the original, then each knob on top of the ones before, then each
+    prepared-data backend in place of ImageFolder (`fastcd bench train`'s `run_knobs`; a random teacher)."""
+    from fastcd.bench.train import Knob, run_knobs
+
+    knobs = [Knob("original", original_overrides(tree, workers)), *[Knob(n, list(o)) for n, o in KNOBS],
+             *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={prepared}"], alternative=True)
+               for b in LOADERS]]
+    overrides = [*common, "teacher.weights=none"]
+    return run_knobs(knobs, str(CONFIGS / f"{DISTILLED}.yaml"), overrides, warmup=3, steps=steps)
+
+
+def choose(rows: list[dict]) -> Choice:
+    """From the breakdown: the fastest prepared-data backend that ran, and each knob unless it made the step
+    slower than the row before it by more than NOISE (the teacher's eval-mode BatchNorm is fastcd's design
+    and always kept)."""
+    by_name = {r["knob"]: r for r in rows}
+    loaders = [by_name[f"loader {b}"] for b in LOADERS if by_name.get(f"loader {b}", {}).get("status") == "ok"]
+    if not loaders:
+        backend, _ = FAST_DEFAULT
+        reasons = [f"- loader: no prepared-data backend ran in the breakdown; {backend} (the default)"]
+    else:
+        best = max(loaders, key=lambda r: r["images_per_s"])
+        backend = best["knob"].removeprefix("loader ")
+        reasons = [f"- loader: {backend}, the fastest prepared-data backend ({best['images_per_s']:.0f} img/s, "
+                   f"{best['vs_previous']:.2f}x ImageFolder with the knobs above)"]
+    knobs: list[str] = []
+    for name, overrides in KNOBS:
+        row = by_name.get(name, {})
+        gain = row.get("vs_previous") if row.get("status") == "ok" else None
+        keep = name == "teacher BN eval" or (gain is not None and gain >= 1 - NOISE)
+        if keep:
+            knobs += overrides
+        said = f"{gain:.2f}x the row before" if gain is not None else f"not measured ({row.get('status', 'absent')})"
+        reasons.append(f"- {name}: {said}; {'kept' if keep else 'left out'}")
+    return Choice(backend, knobs, reasons)
+
+
+def prepare_once(tree: Path, out: Path, workers: int) -> float:
+    """`fastcd prepare tree out` unless `out` already holds its manifest; the seconds it took (0 if kept)."""
+    from fastcd.data_prep.prepare import prepare
+
+    if (out / "manifest.json").is_file():
+        return 0.0
+    start = time.perf_counter()
+    prepare(str(tree), str(out), workers=workers, progress=False)
+    return time.perf_counter() - start
+
+
+def verdicts(original: Row, fast: Row) -> tuple[float, list[str]]:
+    """The wall-clock ratio (fastcd / original, means over seeds) and the goal's two verdicts."""
+    ratio = statistics.mean(fast.seconds) / statistics.mean(original.seconds)
+    diff = statistics.mean(fast.top1) - statistics.mean(original.top1)
+    spread = max((statistics.stdev(r.top1) for r in (original, fast) if len(r.top1) > 1), default=0.0)
+    p = paired(fast, original)
+    lines = [f"- wall-clock per run: fastcd {ratio:.3f}x the original's ({1 / ratio:.2f}x faster); goal at most "
+             f"0.5x: {'met' if ratio <= 0.5 else 'not met'}",
+             f"- top-1 error: fastcd {diff:+.2f} points against the original (per seed "
+             f"{', '.join(f'{d:+.2f}' for d in p.diffs)}; 95% interval {p.interval()}, {p.verdict}); within the "
+             f"seed spread (largest stdev {spread:.2f}): {'yes' if abs(diff) <= spread else 'no'}"]
+    return ratio, lines
+
+
+def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result], choice: Choice,
+           knob_rows: list[dict], setup: dict[str, float], common: list[str], seconds: float,
+           cpu: float) -> tuple[str, float]:
+    """The markdown report, and the wall-clock ratio (fastcd / original)."""
+    from fastcd.commands.repro import command_line, machine_line
+
+    original, fast = rows["original"], rows["fastcd"]
+    teacher_epochs = setup["teacher_epochs"]
+    teacher_how = ("reused from an earlier run" if setup["teacher"] == 0 else
+                   f"trained once by fastcd in {setup['teacher'] / 60:.1f} min")
+    ratio, goal = verdicts(original, fast)
+    cpu_of = {k: [r.cpu_seconds for r in results if r.experiment.folder == k] for k in rows}
+    cfg = {r.experiment.folder: r.config for r in results}
+    exp = {r.experiment.folder: r.experiment for r in results}
+    head = ["| Pipeline | What it runs | Top-1 error | Top-5 error | Wall-clock per run | CPU time per run |",
+            "| -- | -- | -- | -- | -- | -- |"]
+    for key, row in rows.items():
+        head.append(f"| {row.name} | {row.method} | {mean_sd(row.top1)} | {mean_sd(row.top5)} | "
+                    f"{mean_sd([s / 60 for s in row.seconds])} min | {mean_sd([c / 60 for c in cpu_of[key]])} min |")
+    s = cfg["fastcd"]
+    lines = [f"# Accuracy at reduced wall clock: the original pipeline against fastcd ({dt.date.today()})", "",
+             machine_line(seconds, cpu), "", "## Settings", "",
+             f"- command: `{command_line(args)}`; overrides common to every run: `{' '.join(common)}`",
+             f"- data: the first {s.data.train_subset} Fashion-MNIST training images and {s.data.val_subset} test "
+             f"images as baseline RGB JPEGs (quality 95) in an ImageNet-layout tree, written in "
+             f"{setup['tree']:.0f} s; " + (f"`fastcd prepare` packed it in {setup['prepare']:.0f} s" if setup["prepare"]
+                                           else "packed by `fastcd prepare` in an earlier run")
+             + ", once per dataset, not counted per run",
+             f"- the task: `configs/fashion-mnist/{DISTILLED}.yaml` (CD+GKD+EDT), {s.student.arch} width "
+             f"{s.student.width} student, {s.train.epochs} epochs, batch {s.data.batch_size}, {s.data.res} px; "
+             f"the teacher ({s.teacher.arch} width {s.teacher.width}, {teacher_epochs} epochs on the idx files) "
+             f"{teacher_how} and shared by every run",
+             f"- seeds {', '.join(str(x) for x in original.seeds)}; runs interleaved (original, fastcd, next seed); "
+             "wall-clock per run covers building the loaders, every epoch's training and evaluation, checkpoints",
+             f"- original: `{' '.join(exp['original'].overrides)}`",
+             f"- fastcd: `{' '.join(exp['fastcd'].overrides)}` (the fused loss kernels need CUDA: on a CPU "
+             "`impl=auto` runs the eager losses too)", "",
+             "## Results (validation, mean ± stdev over seeds)", "", *head, "", *goal, "",
+             "## fastcd's path, and what each knob bought", "",
+             "Per training step (images/s, in this process, a random teacher, each row keeping the knobs above "
+             "it; the loader rows replace ImageFolder with each prepared-data backend):", "",
+             *choice.reasons, ""]
+    if knob_rows:
+        from fastcd.bench.train import table
+
+        lines += [table(knob_rows), ""]
+    lines += ["## Discussion", "", "*(to be written from the numbers above by whoever commits this report)*", ""]
+    return "\n".join(lines), ratio
+
+
+def run_vs_original(args: argparse.Namespace) -> int:
+    """The whole comparison (see the module docstring); prints the table, writes the report."""
+    from fastcd.commands.repro import epochs_for
+    from fastcd.utils.results import record
+
+    epochs, teacher_epochs = epochs_for(args)
+    out = Path(args.out or "runs/vs-original-fashion-mnist")
+    workers = os.cpu_count() or 1
+    start, cpu = time.perf_counter(), cpu_seconds()
+    tree, prepared = out / "jpeg", out / "prepared"
+    write_jpeg_tree(tree, args.train_subset, args.val_subset)
+    setup = {"tree": time.perf_counter() - start}
+    setup["prepare"] = prepare_once(tree, prepared, workers)
+    common = [f"data.train_subset={args.train_subset}", f"data.val_subset={args.val_subset}",
+              f"train.epochs={epochs}", "train.progress=false", *args.overrides]
+    (teacher,) = run_experiments(CONFIGS, [Experiment(TEACHER, "t_resnet34", "teacher, alone",
+                                                      (f"train.epochs={teacher_epochs}",))],
+                                 out, common, force=args.force, fresh_teacher=args.fresh_teacher)
+    setup.update(teacher=teacher.seconds, teacher_epochs=teacher.config.train.epochs)
+    knob_rows = breakdown(common, tree, prepared, workers, args.knob_steps) if args.knob_steps else []
+    choice = choose(knob_rows) if knob_rows else Choice(*FAST_DEFAULT, ["- no breakdown (--knob-steps 0): "
+                                                                        "the default path"])
+    weights = f"teacher.weights={out / TEACHER / 'latest.pt'}"
+    pipelines = [Experiment(DISTILLED, "original", "ImageFolder + PIL over JPEG, fp32, NCHW, teacher BN train, "
+                            "unfused SGD", tuple(original_overrides(tree, workers)), "original"),
+                 Experiment(DISTILLED, "fastcd", f"prepared shards + {choice.backend}, "
+                            + ", ".join(n for n, o in KNOBS if set(o) <= set(choice.knobs)),
+                            tuple(fast_overrides(prepared, workers, choice.backend, choice.knobs)), "fastcd")]
+    results = run_experiments(CONFIGS, pipelines, out, [*common, weights], list(range(args.seeds)), args.force)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    rows = dict(zip((e.folder for e in pipelines), table_rows(results), strict=True))
+    text, ratio = report(args, rows, results, choice, knob_rows, setup, common, seconds, cpu)
+    path = Path(args.report_dir) / f"vs-original-fashion-mnist-{dt.date.today().isoformat()}.md"
+    atomic_write_bytes(path, text.encode())
+    record("vs-original", {"settings": {"common": common, "seeds": args.seeds, "setup_s": setup},
+                           "rows": {k: {"top1": r.top1, "top5": r.top5, "seconds": r.seconds} for k, r in rows.items()},
+                           "wall_ratio": ratio, "knobs": knob_rows, "backend": choice.backend,
+                           "knob_overrides": choice.knobs}, args.report_dir)
+    print("\n" + "\n".join(text.split("## Results")[1].split("## fastcd's path")[0].splitlines()[2:]))
+    print(f"report: {path}")
+    return 0
