@@ -11,17 +11,18 @@ from PIL import Image
 
 from fastcd.config import DataConfig
 from fastcd.data import LoaderContext, build_loader
+from fastcd.data.crops import DRAWS, CropPlan, crop_boxes, uniforms
 from fastcd.data.fashion_mnist import FASHION_MNIST_DIR, read_idx
 from fastcd.data.resolution import train_res
 from fastcd.data.sharding import epoch_indices
-from fastcd.data.transforms import center_crop, crop_boxes, normalize, random_resized_crop
+from fastcd.data.transforms import center_crop, normalize, resized_crop_affine
 from fastcd.errors import FastcdError
 
 
 def test_crop_boxes_follow_random_resized_crop_bounds():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     h, w = 37, 53
-    boxes = crop_boxes(4000, h, w, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    u = uniforms(int(torch.randint(0, 2**31, ())), 0, range(4000), DRAWS)
+    boxes = crop_boxes(torch.full((4000,), h), torch.full((4000,), w), u, (0.08, 1.0), (3 / 4, 4 / 3))
     x0, y0, bw, bh = boxes.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + bw <= w).all() and (y0 + bh <= h).all()
     area = bw * bh / (h * w)
@@ -31,15 +32,28 @@ def test_crop_boxes_follow_random_resized_crop_bounds():
     assert 0.3 < area.mean() < 0.7  # uniform scale draws, some rejected
 
 
-def test_full_box_without_flip_equals_a_plain_resize():
+def test_crops_are_a_function_of_seed_epoch_and_sample_alone():
+    """The same sample gets the same box and flip in any batch, of any size, on any row; images of other
+    sizes in the batch change nothing; another epoch or seed gives another draw."""
+    plan = CropPlan(True, 32, 0.08, 0.875, seed=7, epoch=2)
+    sizes = torch.tensor([37, 120, 64, 9]), torch.tensor([53, 80, 64, 300])
+    batch = plan.boxes([5, 900, 12, 3], *sizes)
+    for row, i in enumerate([5, 900, 12, 3]):
+        assert plan.box(i, int(sizes[0][row]), int(sizes[1][row])) == (*batch[row, :4].tolist(), bool(batch[row, 4]))
+    assert torch.equal(plan.boxes([12], sizes[0][2:3], sizes[1][2:3]), batch[2:3])
+    other = [CropPlan(True, 32, 0.08, 0.875, seed=7, epoch=3), CropPlan(True, 32, 0.08, 0.875, seed=8, epoch=2)]
+    assert all(not torch.equal(p.boxes([5, 900, 12, 3], *sizes), batch) for p in other)
+    flips = CropPlan(True, 32, 1.0, 0.875, seed=1, epoch=0).boxes(range(2000), torch.full((2000,), 9),
+                                                                   torch.full((2000,), 9))[:, 4]
+    assert 900 < flips.sum() < 1100  # fair
+
+
+def test_a_whole_image_box_equals_a_plain_resize_and_flips_where_asked():
     x = torch.rand(3, 2, 20, 20) * 255
-    g = torch.Generator().manual_seed(0)
-    out = random_resized_crop(x, 20, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
-    torch.testing.assert_close(out, x, rtol=1e-4, atol=1e-3)
-    flipped = random_resized_crop(x.repeat(64, 1, 1, 1), 20, g, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True)
-    is_flip = [torch.allclose(o, x[i % 3].flip(2), atol=1e-3) for i, o in enumerate(flipped)]
-    is_same = [torch.allclose(o, x[i % 3], atol=1e-3) for i, o in enumerate(flipped)]
-    assert all(a or b for a, b in zip(is_flip, is_same)) and 50 < sum(is_flip) < 142  # 192 fair coin flips
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0, 0.0], [0.0, 0.0, 20.0, 20.0, 1.0], [0.0, 0.0, 20.0, 20.0, 0.0]])
+    out = resized_crop_affine(x, boxes, 20)
+    torch.testing.assert_close(out[[0, 2]], x[[0, 2]], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out[1], x[1].flip(2), rtol=1e-4, atol=1e-3)
 
 
 def test_center_crop_and_normalize():

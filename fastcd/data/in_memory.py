@@ -9,7 +9,8 @@ from torch import Tensor
 
 from fastcd.config import DataConfig
 from fastcd.data.base import IndexedLoader, LoaderContext, Split
-from fastcd.data.transforms import center_crop, normalize, random_resized_crop
+from fastcd.data.crops import CropPlan
+from fastcd.data.transforms import center_crop, normalize, resized_crop_affine
 
 
 class InMemoryLoader(IndexedLoader):
@@ -24,14 +25,18 @@ class InMemoryLoader(IndexedLoader):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.order = self.order.to(self.ctx.device)
+        self.device_order = self.order.to(self.ctx.device)  # one copy per epoch; crops are drawn on the host
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        g = torch.Generator().manual_seed(self.ctx.seed * 7_919 + self.epoch * 31 + self.ctx.rank)
-        for idx in self.batch_indices():
+        c = self.cfg
+        plan = CropPlan(self.train, self.res, c.scale_min, c.val_resize_ratio, self.ctx.seed, self.epoch)
+        _, _, height, width = self.images.shape
+        for b, host_idx in enumerate(self.batch_indices()):
+            idx = self.device_order[b * self.batch_size:b * self.batch_size + len(host_idx)]
             x = self.images[idx].float()
             if self.train:
-                x = random_resized_crop(x, self.res, g, scale=(self.cfg.scale_min, 1.0))
+                size = torch.full((len(host_idx),), height), torch.full((len(host_idx),), width)
+                x = resized_crop_affine(x, plan.boxes(host_idx, *size), self.res)
             else:
                 x = center_crop(x, self.res, self.cfg.val_resize_ratio)
             if x.shape[1] == 1:

@@ -1,15 +1,13 @@
 """Batched augmentation and normalisation on the training device.
 
-`random_resized_crop` draws torchvision's RandomResizedCrop boxes (scale, log-uniform ratio, 10 tries,
-then a centre crop) for a whole batch and applies crop + resize + horizontal flip in one
-`grid_sample`; `center_crop` resizes the short side to res/ratio and crops the centre; `normalize`
-turns uint8 or float pixels (0-255) into the model's input. `resized_crops` executes given boxes on a
-batch of decoded images of different sizes: one Triton launch on a GPU, `roi_align` elsewhere.
+Each executes crops that `crops.CropPlan` drew: `resized_crop_affine` crops, resizes and flips a batch
+of equal-sized images in one `grid_sample`; `resized_crops` does it for decoded images of different sizes
+(one Triton launch on a GPU, `roi_align` elsewhere). `center_crop` resizes the short side to res/ratio
+and crops the centre; `normalize` turns uint8 or float pixels (0-255) into the model's input.
 """
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,54 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
-RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
-def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-               generator: torch.Generator, tries: int = 10) -> Tensor:
-    """(n, 4) boxes (x0, y0, w, h) in pixels, drawn as torchvision's RandomResizedCrop draws them."""
-    area = height * width
-    s = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=generator) * area
-    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    r = log_r.exp()
-    w = (s * r).sqrt().round()
-    h = (s / r).sqrt().round()
-    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    rows = torch.arange(n)
-    w_sel, h_sel = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
-    # Fallback: the whole image clamped to the ratio range, centred.
-    in_ratio = width / height
-    fb_w = float(width) if ratio[0] <= in_ratio <= ratio[1] else (
-        round(height * ratio[0]) if in_ratio < ratio[0] else round(height * ratio[1]))
-    fb_w = min(fb_w, width)
-    fb_h = float(height) if ratio[0] <= in_ratio <= ratio[1] else (
-        round(fb_w / ratio[0]) if in_ratio < ratio[0] else float(height))
-    fb_h = min(fb_h, height)
-    bad = first < 0
-    w_sel = torch.where(bad, torch.full_like(w_sel, fb_w), w_sel)
-    h_sel = torch.where(bad, torch.full_like(h_sel, fb_h), h_sel)
-    x0 = (torch.rand(n, generator=generator) * (width - w_sel + 1)).floor()
-    y0 = (torch.rand(n, generator=generator) * (height - h_sel + 1)).floor()
-    x0 = torch.where(bad, (width - w_sel) // 2, x0)
-    y0 = torch.where(bad, (height - h_sel) // 2, y0)
-    return torch.stack([x0, y0, w_sel, h_sel], dim=1)
-
-
-def random_resized_crop(images: Tensor, res: int, generator: torch.Generator, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = RATIO, flip: bool = True) -> Tensor:
-    """Crop, resize to res x res and flip (p=0.5) each image of a float (N, C, H, W) batch, bilinearly."""
+def resized_crop_affine(images: Tensor, boxes: Tensor, res: int) -> Tensor:
+    """Crop each image of a float (N, C, H, W) batch to its box of `boxes` ((N, >= 5): x0, y0, w, h, flip),
+    resize it to res x res and mirror it where flip is set, bilinearly, in one `grid_sample`."""
     n, _, height, width = images.shape
-    boxes = crop_boxes(n, height, width, scale, ratio, generator)
-    x0, y0, w, h = boxes.unbind(1)
-    sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = w / width * sign
+    x0, y0, w, h, flip = boxes[:, :5].double().unbind(1)
+    theta = torch.zeros(n, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = w / width * torch.where(flip > 0.5, -1.0, 1.0)
     theta[:, 0, 2] = (2 * x0 + w) / width - 1
     theta[:, 1, 1] = h / height
     theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    theta = theta.to(images.dtype)
     if images.is_cuda:  # a pageable host->device copy would wait for the stream: stage it in pinned memory
         theta = theta.pin_memory()
-    theta = theta.to(images.device, images.dtype, non_blocking=True)
+    theta = theta.to(images.device, non_blocking=True)
     grid = F.affine_grid(theta, [n, images.shape[1], res, res], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
