@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from fastcd.errors import FastcdError
-from fastcd.losses.registry import loss_class, loss_params, nearest
+from fastcd.losses.registry import TEACHER_INPUTS, loss_class, loss_params, nearest
 from fastcd.paths import shipped_config
 from fastcd.schedules.loss_rate import BASE_EPOCHS
 from fastcd.utils.ranges import Range, check_range
@@ -439,5 +439,5 @@ def validate(cfg: Config) -> None:
                                   f"(it counts epochs of a {base}-epoch run and scales to train.epochs)")
     for i, spec in enumerate(cfg.loss_list):
         needs = set(loss_class(spec.loss_name).inputs)
-        if cfg.teacher is None and needs & {"tea_logits", "tea_feats", "conn_feats", "tea_embed"}:
+        if cfg.teacher is None and needs & set(TEACHER_INPUTS):
             raise FastcdError(f"loss_list[{i}] {spec.loss_name} needs a teacher but teacher is null")

@@ -1,6 +1,7 @@
 // Fused Channel Distillation loss forward, CUDA C++ version of cd_triton.py (same math, same outputs):
-// one block per (n, channel tile), fp32 accumulation of s - t over H*W; writes the (N, C) differences d
-// and one partial sum of d^2 / (N*C) per block. The backward needs no kernel (kernels/checks.py).
+// one block per (n, channel tile), fp32 accumulation of the student map over H*W, minus the teacher's
+// channel mean m[n, c]; writes the (N, C) differences d and one partial sum of d^2 / (N*C) per block.
+// The backward needs no kernel (kernels/cd_function.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,9 +31,8 @@ bool channels_last(const at::Tensor& x) {
 // Otherwise (NCHW): each row (warp) owns a channel, lanes walk H*W; tile = 8 channels.
 template <typename scalar_t, bool C_INNER>
 __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
-                                  const scalar_t* __restrict__ t, MapStrides ts, int C, int HW,
-                                  float inv_hw, float inv_nc, float* __restrict__ d,
-                                  float* __restrict__ partial) {
+                                  const float* __restrict__ m, int C, int HW, float inv_hw, float inv_nc,
+                                  float* __restrict__ d, float* __restrict__ partial) {
   constexpr int tile = C_INNER ? kLanes : kRows;
   const int tiles = (C + tile - 1) / tile;
   const int n = blockIdx.x / tiles;
@@ -42,10 +42,9 @@ __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
   float acc = 0.f;
   if (c < C) {
     const scalar_t* sp = s + n * ss.n + c * ss.c;
-    const scalar_t* tp = t + n * ts.n + c * ts.c;
 #pragma unroll 4
     for (int hw = hw0; hw < HW; hw += hw_step) {
-      acc += static_cast<float>(sp[hw * ss.hw]) - static_cast<float>(tp[hw * ts.hw]);
+      acc += static_cast<float>(sp[hw * ss.hw]);
     }
   }
   __shared__ float sums[kRows][kLanes + 1];
@@ -58,7 +57,7 @@ __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
       float total = 0.f;
       for (int r = 0; r < kRows; ++r) total += sums[r][threadIdx.x];
       if (c < C) {
-        const float diff = total * inv_hw;
+        const float diff = total * inv_hw - m[n * C + c];
         d[n * C + c] = diff;
         mine = diff * diff;
       }
@@ -66,7 +65,7 @@ __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
   } else {
     for (int off = kLanes / 2; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
     if (threadIdx.x == 0 && c < C) {
-      const float diff = acc * inv_hw;
+      const float diff = acc * inv_hw - m[n * C + c];
       d[n * C + c] = diff;
       mine = diff * diff;
     }
@@ -83,31 +82,32 @@ __global__ void cd_forward_kernel(const scalar_t* __restrict__ s, MapStrides ss,
 }
 
 template <bool C_INNER>
-void launch_forward(const at::Tensor& s, const at::Tensor& t, const at::Tensor& d,
+void launch_forward(const at::Tensor& s, const at::Tensor& m, const at::Tensor& d,
                     const at::Tensor& partial, int blocks, cudaStream_t stream) {
   const int N = s.size(0), C = s.size(1), HW = s.size(2) * s.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "cd_forward", [&] {
     cd_forward_kernel<scalar_t, C_INNER><<<blocks, dim3(kLanes, kRows), 0, stream>>>(
-        s.data_ptr<scalar_t>(), hw_strides(s), t.data_ptr<scalar_t>(), hw_strides(t), C, HW,
-        1.f / HW, 1.f / (static_cast<float>(N) * C), d.data_ptr<float>(), partial.data_ptr<float>());
+        s.data_ptr<scalar_t>(), hw_strides(s), m.data_ptr<float>(), C, HW, 1.f / HW,
+        1.f / (static_cast<float>(N) * C), d.data_ptr<float>(), partial.data_ptr<float>());
   });
 }
 
 }  // namespace
 
-// Returns [loss, d_0, ..., d_{K-1}].
-std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& tea) {
-  TORCH_CHECK(!stu.empty() && stu.size() == tea.size(), "cd_forward: one teacher map per student map");
+// stu: K student maps; means: K contiguous fp32 (N, C) teacher channel means. Returns [loss, d_0, ..., d_{K-1}].
+std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& means) {
+  TORCH_CHECK(!stu.empty() && stu.size() == means.size(), "cd_forward: one teacher mean per student map");
   const c10::cuda::CUDAGuard guard(stu[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   std::vector<int> blocks(stu.size());
   int64_t total = 0;
   for (size_t i = 0; i < stu.size(); ++i) {
     const at::Tensor& s = stu[i];
-    TORCH_CHECK(s.is_cuda() && tea[i].is_cuda(), "cd_forward: stage ", i, " is not on a CUDA device");
-    TORCH_CHECK(s.scalar_type() == tea[i].scalar_type(), "cd_forward: stage ", i,
-                " student and teacher dtypes differ; the cuda impl needs one dtype");
-    TORCH_CHECK(s.sizes() == tea[i].sizes(), "cd_forward: stage ", i, " shapes differ");
+    const at::Tensor& m = means[i];
+    TORCH_CHECK(s.is_cuda() && m.is_cuda(), "cd_forward: stage ", i, " is not on a CUDA device");
+    TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 && m.size(0) == s.size(0) &&
+                    m.size(1) == s.size(1),
+                "cd_forward: stage ", i, " teacher means must be contiguous fp32 (N, C)");
     const int tile = channels_last(s) ? kLanes : kRows;
     blocks[i] = s.size(0) * ((s.size(1) + tile - 1) / tile);
     total += blocks[i];
@@ -120,9 +120,9 @@ std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std
     at::Tensor d = at::empty({stu[i].size(0), stu[i].size(1)}, f32);
     at::Tensor part = partial.narrow(0, offset, blocks[i]);
     if (channels_last(stu[i])) {
-      launch_forward<true>(stu[i], tea[i], d, part, blocks[i], stream);
+      launch_forward<true>(stu[i], means[i], d, part, blocks[i], stream);
     } else {
-      launch_forward<false>(stu[i], tea[i], d, part, blocks[i], stream);
+      launch_forward<false>(stu[i], means[i], d, part, blocks[i], stream);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     out.push_back(d);

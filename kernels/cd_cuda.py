@@ -64,19 +64,17 @@ def extension() -> ModuleType:
     return ext
 
 
-def cd_cuda_forward(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+def cd_cuda_forward(stu: Sequence[Tensor], tea_means: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
     """The loss and the per-stage (N, C) fp32 differences, from the extension's kernel."""
-    loss, *diffs = extension().cd_forward(list(stu), list(tea))
+    loss, *diffs = extension().cd_forward(list(stu), check_features(stu, tea_means))
     return loss, diffs
 
 
-def cd_cuda(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> Tensor:
-    """The CD loss through the CUDA extension; gradients flow to the student maps only."""
-    check_features(stu, tea)
-    check_no_teacher_grad(tea)
+def cd_cuda(stu: Sequence[Tensor], tea_means: Sequence[Tensor]) -> Tensor:
+    """The CD loss from the student maps and the teacher's channel means through the CUDA extension;
+    gradients flow to the student maps only."""
+    check_features(stu, tea_means)
+    check_no_teacher_grad(tea_means)
     if not stu[0].is_cuda:
         raise FastcdError(f"impl='cuda' needs CUDA tensors, got stu_feats[0] on {stu[0].device}")
-    if any(s.dtype != t.dtype for s, t in zip(stu, tea, strict=True)):
-        raise FastcdError("impl='cuda' needs student and teacher maps of one dtype per stage; "
-                          "cast them or use impl='triton'")
-    return CDFunction.apply(cd_cuda_forward, *stu, *tea)
+    return CDFunction.apply(cd_cuda_forward, *stu, *tea_means)

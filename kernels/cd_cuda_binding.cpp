@@ -3,8 +3,8 @@
 
 #include <vector>
 
-std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& tea);
+std::vector<at::Tensor> cd_forward(const std::vector<at::Tensor>& stu, const std::vector<at::Tensor>& means);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cd_forward", &cd_forward, "CD loss forward: [loss, d_0, ...] (CUDA)");
+  m.def("cd_forward", &cd_forward, "CD loss forward from student maps and teacher means: [loss, d_0, ...] (CUDA)");
 }

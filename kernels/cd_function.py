@@ -1,9 +1,9 @@
 """The autograd Function of the fused CD loss, shared by its Triton and CUDA C++ forward kernels.
 
-Forward: a kernel's `forward(stu, tea) -> (loss, diffs)` with the K (N, C) fp32 differences
-d = mean_hw(s) - mean_hw(t). Backward, no kernel: d(loss)/d(s[n, c, h, w]) = grad_out * 2 d[n, c] /
+Forward: a kernel's `forward(stu_maps, tea_means) -> (loss, diffs)` with the K (N, C) fp32 differences
+d = mean_hw(s) - m. Backward, no kernel: d(loss)/d(s[n, c, h, w]) = grad_out * 2 d[n, c] /
 (N*C*H*W) at every pixel, the differences expanded over H x W, so no full map is written. The teacher's
-maps get no gradient.
+means get no gradient.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ Forward = Callable[[Sequence[Tensor], Sequence[Tensor]], tuple[Tensor, list[Tens
 
 
 class CDFunction(torch.autograd.Function):
-    """`CDFunction.apply(forward, *student_maps, *teacher_maps)` -> the fp32 loss."""
+    """`CDFunction.apply(forward, *student_maps, *teacher_means)` -> the fp32 loss."""
 
     @staticmethod
     def forward(ctx, forward: Forward, *maps: Tensor) -> Tensor:
@@ -29,7 +29,7 @@ class CDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         k = len(ctx.like)
-        grads: list[Tensor | None] = [None] * (1 + 2 * k)  # the forward function, K student, K teacher maps
+        grads: list[Tensor | None] = [None] * (1 + 2 * k)  # the forward function, K student maps, K means
         for i, (shape, dtype) in enumerate(ctx.like):
             if ctx.needs_input_grad[1 + i]:
                 n, c, h, w = shape

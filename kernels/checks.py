@@ -32,25 +32,28 @@ def hw_strides(x: Tensor) -> tuple[int, int, int]:
     return sn, sc, (sw if x.shape[3] > 1 else sh)
 
 
-def check_features(stu: Sequence[Tensor], tea: Sequence[Tensor]) -> None:
-    """Stage lists of equal length; per stage, 4-D float maps of one shape and device, each dense."""
-    if len(stu) != len(tea) or not stu:
-        raise FastcdError(f"CD loss needs one teacher map per student map, got {len(stu)} student "
-                          f"and {len(tea)} teacher maps")
-    for i, (s, t) in enumerate(zip(stu, tea, strict=True)):
-        for side, x in (("stu_feats", s), ("tea_feats", t)):
-            if x.dim() != 4 or x.dtype not in FLOAT_DTYPES:
-                raise FastcdError(f"{side}[{i}] must be a 4-D (N, C, H, W) float32/float16/bfloat16 "
-                                  f"tensor, got shape {tuple(x.shape)} and {x.dtype}")
-            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-                raise FastcdError(f"{side}[{i}] (strides {x.stride()}) is neither NCHW-contiguous nor "
-                                  "channels_last; call .contiguous() on it")
-            if x.numel() > MAX_NUMEL:
-                raise FastcdError(f"{side}[{i}] has {x.numel()} elements; the kernels take at most "
-                                  f"{MAX_NUMEL} per map (split the batch)")
-        if s.shape != t.shape or s.device != t.device:
-            raise FastcdError(f"stage {i}: student map {tuple(s.shape)} on {s.device} does not match "
-                              f"teacher map {tuple(t.shape)} on {t.device}")
+def check_features(stu: Sequence[Tensor], tea_means: Sequence[Tensor]) -> list[Tensor]:
+    """Stage lists of equal length; per stage a dense 4-D float student map (N, C, H, W) and the teacher's
+    (N, C) float channel means on its device. Returns the means as contiguous fp32 (what the kernels read)."""
+    if len(stu) != len(tea_means) or not stu:
+        raise FastcdError(f"CD loss needs the teacher's means of every student stage, got {len(stu)} student "
+                          f"maps and {len(tea_means)} teacher means")
+    out = []
+    for i, (s, m) in enumerate(zip(stu, tea_means, strict=True)):
+        if s.dim() != 4 or s.dtype not in FLOAT_DTYPES:
+            raise FastcdError(f"stu_feats[{i}] must be a 4-D (N, C, H, W) float32/float16/bfloat16 "
+                              f"tensor, got shape {tuple(s.shape)} and {s.dtype}")
+        if not (s.is_contiguous() or s.is_contiguous(memory_format=torch.channels_last)):
+            raise FastcdError(f"stu_feats[{i}] (strides {s.stride()}) is neither NCHW-contiguous nor "
+                              "channels_last; call .contiguous() on it")
+        if s.numel() > MAX_NUMEL:
+            raise FastcdError(f"stu_feats[{i}] has {s.numel()} elements; the kernels take at most "
+                              f"{MAX_NUMEL} per map (split the batch)")
+        if m.shape != s.shape[:2] or m.device != s.device or m.dtype not in FLOAT_DTYPES:
+            raise FastcdError(f"stage {i}: the teacher's means must be (N, C) = {tuple(s.shape[:2])} float on "
+                              f"{s.device}, got {tuple(m.shape)} {m.dtype} on {m.device}")
+        out.append(m.float().contiguous())
+    return out
 
 
 def check_logits(stu: Tensor, tea: Tensor, labels: Tensor, T: float) -> None:

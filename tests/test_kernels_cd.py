@@ -1,5 +1,6 @@
-"""The fused CD kernels (Triton; TRITON_INTERPRET=1 on CPU, set by conftest.py) against the
-float64 reference: odd shapes, both layouts, three dtypes, values and gradients, poisoned outputs."""
+"""The fused CD kernels (Triton; TRITON_INTERPRET=1 on CPU, set by conftest.py), which read the student's
+maps and the teacher's channel means, against the float64 reference over both sides' maps: odd shapes,
+both layouts, three dtypes, values and gradients, poisoned outputs."""
 import functools
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from fastcd.errors import FastcdError
 from fastcd.kernels.cd_triton import cd_forward, cd_triton
-from fastcd.losses.cd import CDLoss, cd_eager
+from fastcd.losses.cd import CDLoss, cd_eager, teacher_means
 from fastcd.losses.reference import cd_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -17,7 +18,7 @@ nan_alloc = functools.partial(torch.full, fill_value=float("nan"))
 # Stage lists: odd channel counts, batch 1, 1x1 and 7x7 maps; then two large maps (kept small in N, C).
 SMALL = [(2, 5, 7, 7), (1, 3, 1, 1), (3, 17, 4, 6), (2, 64, 2, 3)]
 LARGE = [(1, 3, 56, 56), (2, 8, 28, 28)]
-LAYOUTS = ("nchw", "channels_last", "mixed")  # mixed: channels_last student, NCHW teacher
+LAYOUTS = ("nchw", "channels_last")
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -34,7 +35,6 @@ def make_maps(shapes, dtype, layout, grad=True):
         t = torch.randn(shape, device=DEVICE)
         if layout != "nchw":
             s = s.to(memory_format=torch.channels_last)
-        if layout == "channels_last":
             t = t.to(memory_format=torch.channels_last)
         stu.append(s.to(dtype).requires_grad_(grad))
         tea.append(t.to(dtype))
@@ -54,7 +54,7 @@ def reference_grads(stu, tea, grad_out):
 def test_cd_triton_matches_reference(shapes, layout, dtype):
     stu, tea = make_maps(shapes, dtype, layout)
     grad_out = torch.rand((), device=DEVICE) + 0.5
-    loss = cd_triton(stu, tea)
+    loss = cd_triton(stu, teacher_means(tea))
     loss.backward(grad_out)
     want, want_grads = reference_grads(stu, tea, grad_out)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -72,7 +72,7 @@ def test_cd_launcher_writes_every_output(layout):
     stu, tea = make_maps(SMALL, torch.float32, layout, grad=False)
     want, _ = reference_grads(stu, tea, torch.ones((), device=DEVICE))
     for blocks in (None, (2, 4)):
-        loss, diffs = cd_forward(stu, tea, alloc=nan_alloc, blocks=blocks)
+        loss, diffs = cd_forward(stu, teacher_means(tea), alloc=nan_alloc, blocks=blocks)
         close(loss, want, torch.float32)
         for d, s, t in zip(diffs, stu, tea, strict=True):
             close(d, s.double().mean(dim=(2, 3)) - t.double().mean(dim=(2, 3)), torch.float32)
@@ -83,7 +83,7 @@ def test_cd_gradient_is_the_differences_expanded_with_no_map_written():
     a layer after it (the connector's ReLU) gets the right values through it."""
     stu, tea = make_maps(SMALL, torch.float32, "channels_last")
     inner = [s * 1.0 for s in stu]  # non-leaf maps, as the connectors' outputs are
-    grads = torch.autograd.grad(cd_triton(inner, tea), inner)
+    grads = torch.autograd.grad(cd_triton(inner, teacher_means(tea)), inner)
     _, want = reference_grads(stu, tea, torch.ones((), device=DEVICE))
     for g, w in zip(grads, want, strict=True):
         assert all(st == 0 for st, size in zip(g.stride()[2:], g.shape[2:]) if size > 1)  # expanded, not written
@@ -93,19 +93,20 @@ def test_cd_gradient_is_the_differences_expanded_with_no_map_written():
 def test_cd_teacher_gets_no_gradient_and_frozen_teacher_is_required():
     stu, tea = make_maps(SMALL[:2], torch.float32, "nchw")
     with pytest.raises(FastcdError, match="teacher"):
-        cd_triton(stu, [t.requires_grad_() for t in tea])
+        cd_triton(stu, [m.requires_grad_() for m in teacher_means(tea)])
     with torch.no_grad():
-        close(cd_triton(stu, tea), cd_reference(stu, tea), torch.float32)
+        close(cd_triton(stu, teacher_means(tea)), cd_reference(stu, tea), torch.float32)
 
 
 def test_cd_bad_inputs_are_clear_errors():
     stu, tea = make_maps(SMALL[:2], torch.float32, "nchw", grad=False)
+    m = teacher_means(tea)
     cases = {
-        "neither NCHW-contiguous nor channels_last": ([stu[0][:, :, ::2], stu[1]], [tea[0][:, :, ::2], tea[1]]),
-        "does not match": (stu, [tea[1], tea[0]]),
-        "one teacher map per student map": (stu, tea[:1]),
-        "4-D": ([stu[0][0], stu[1]], [tea[0][0], tea[1]]),
-        "float32/float16/bfloat16": ([s.double() for s in stu], [t.double() for t in tea]),
+        "neither NCHW-contiguous nor channels_last": ([stu[0][:, :, ::2], stu[1]], m),
+        r"must be \(N, C\)": (stu, [m[1], m[0]]),
+        "means of every student stage": (stu, m[:1]),
+        "4-D": ([stu[0][0], stu[1]], m),
+        "float32/float16/bfloat16": ([s.double() for s in stu], m),
     }
     for message, (s, t) in cases.items():
         with pytest.raises(FastcdError, match=message):
@@ -119,9 +120,10 @@ def test_cd_dispatch_gives_the_eager_values_and_gradients(impl):
     CDLoss(impl=impl)(stu, tea).backward(grad_out)
     got = [s.grad for s in stu]
     want = [s.detach().clone().requires_grad_() for s in stu]
-    want_loss = cd_eager(want, tea)
+    want_loss = cd_eager(want, teacher_means(tea))
     want_loss.backward(grad_out)
     torch.testing.assert_close(CDLoss(impl=impl)(stu, tea), want_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(CDLoss(impl=impl)(stu, teacher_means(tea)), want_loss, rtol=1e-5, atol=1e-7)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w.grad, rtol=1e-5, atol=1e-5 * float(w.grad.abs().max()))
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from fastcd.engine.runtime import Runtime
 from fastcd.losses.registry import DistillLoss
-from fastcd.models import DistillOutputs, NetOutput, teacher_forward
+from fastcd.models import DistillOutputs, TeacherTargets, teacher_targets
 
 PHASES = ("teacher", "student_fwd", "losses", "backward", "optimizer")  # what `DistillStep.run` marks, in order
 
@@ -26,26 +26,29 @@ class DistillStep:
                  scaler: torch.amp.GradScaler, runtime: Runtime) -> None:
         self.model, self.teacher, self.losses = model, teacher, list(losses)
         self.optimizer, self.scheduler, self.scaler, self.rt = optimizer, scheduler, scaler, runtime
+        self.reads_means = any("tea_means" in loss.inputs for loss in self.losses)
         self.weights = torch.ones(len(self.losses), device=runtime.device)
 
     def set_weights(self, weights: Sequence[float]) -> None:
         """The loss weights of the current epoch (from the loss-rate decay schedule)."""
         self.weights = torch.tensor(list(weights), device=self.rt.device, dtype=torch.float32)
 
-    def teacher_outputs(self, images: Tensor) -> NetOutput | None:
-        """Phase "teacher": the frozen teacher's stage maps, embedding and logits (no graph)."""
-        if self.teacher is None:
-            return None
+    def teacher_outputs(self, images: Tensor, cached: TeacherTargets | None = None) -> TeacherTargets | None:
+        """Phase "teacher": what the losses read of the frozen teacher (no graph), or the `cached` targets of
+        this batch (a teacher-target cache: no teacher runs)."""
+        if cached is not None or self.teacher is None:
+            return cached
         with self.rt.autocast():
-            return teacher_forward(self.teacher, images)
+            return teacher_targets(self.teacher, images, self.reads_means)
 
-    def student_outputs(self, images: Tensor, labels: Tensor, tea: NetOutput | None) -> DistillOutputs:
+    def student_outputs(self, images: Tensor, labels: Tensor, tea: TeacherTargets | None) -> DistillOutputs:
         """Phase "student_fwd": the student and its connectors, with everything a loss may read."""
         with self.rt.autocast():
             stu, conn = self.model(images)
+        tea = tea or TeacherTargets()
         return DistillOutputs(labels=labels, stu_logits=stu.logits, stu_feats=stu.feats, stu_embed=stu.embed,
-                              tea_logits=tea.logits if tea else None, tea_feats=tea.feats if tea else None,
-                              tea_embed=tea.embed if tea else None, conn_feats=conn)
+                              tea_logits=tea.logits, tea_feats=tea.feats, tea_means=tea.means, tea_embed=tea.embed,
+                              conn_feats=conn)
 
     def loss_terms(self, out: DistillOutputs) -> Tensor:
         """Phase "losses": the unweighted losses as one fp32 vector (no host sync)."""
@@ -66,13 +69,13 @@ class DistillStep:
         self.scaler.update()
         self.scheduler.step()
 
-    def run(self, images: Tensor, labels: Tensor,
-            mark: Callable[[], None] = _no_mark) -> tuple[Tensor, Tensor, Tensor]:
-        """Run the `PHASES` in order, calling `mark()` after each (a benchmark's clock); return the student's
-        logits (detached), the loss terms and the weighted total, all on the device. No stage map outlives
-        the step: the outputs are dropped before the backward pass, which then frees each map as soon as its
-        gradient no longer needs it."""
-        tea = self.teacher_outputs(images)
+    def run(self, images: Tensor, labels: Tensor, mark: Callable[[], None] = _no_mark,
+            cached: TeacherTargets | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the `PHASES` in order, calling `mark()` after each (a benchmark's clock), with the teacher or
+        its `cached` targets; return the student's logits (detached), the loss terms and the weighted total,
+        all on the device. No stage map outlives the step: the outputs are dropped before the backward pass,
+        which then frees each map as soon as its gradient no longer needs it."""
+        tea = self.teacher_outputs(images, cached)
         mark()
         out = self.student_outputs(images, labels, tea)
         mark()

@@ -19,8 +19,9 @@ from fastcd.errors import FastcdError
 from fastcd.kernels.dispatch import resolve_impl
 
 # Fields of DistillOutputs a loss may ask for.
-INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "conn_feats",
+INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "tea_means", "conn_feats",
                "stu_embed", "tea_embed")
+TEACHER_INPUTS = ("tea_logits", "tea_feats", "tea_means", "tea_embed", "conn_feats")  # need a teacher or a cache
 
 
 NUM_STAGES = 4  # layer1..layer4 of every ResNet here

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcd.models.resnet import FeatureResNet, NetOutput
+from fastcd.utils.tensors import channel_means
 
 
 def connector(c_in: int, c_out: int) -> nn.Sequential:
@@ -40,6 +41,17 @@ class StudentWithConnectors(nn.Module):
 
 
 @dataclass
+class TeacherTargets:
+    """What the losses may read of the teacher for one batch: its stage maps (a live teacher only), their
+    (N, C) fp32 channel means (CD), its logits (KD, GKD) and pooled embedding (RKD); None where absent."""
+
+    feats: list[Tensor] | None = None
+    means: list[Tensor] | None = None
+    logits: Tensor | None = None
+    embed: Tensor | None = None
+
+
+@dataclass
 class DistillOutputs:
     """Everything a loss may ask for by name (see `fastcd.losses.registry.INPUT_NAMES`)."""
 
@@ -49,6 +61,7 @@ class DistillOutputs:
     stu_embed: Tensor
     tea_logits: Tensor | None = None
     tea_feats: list[Tensor] | None = None
+    tea_means: list[Tensor] | None = None  # (N, C) per stage, fp32: what CD reads
     tea_embed: Tensor | None = None
     conn_feats: list[Tensor | None] | None = None
 
@@ -60,7 +73,9 @@ def freeze(teacher: FeatureResNet, bn_mode: str) -> FeatureResNet:
     return teacher
 
 
-def teacher_forward(teacher: FeatureResNet, images: Tensor) -> NetOutput:
-    """The teacher's outputs, without building a graph."""
+def teacher_targets(teacher: FeatureResNet, images: Tensor, means: bool) -> TeacherTargets:
+    """The teacher's outputs, without building a graph; with `means`, its stage maps' channel means too."""
     with torch.no_grad():
-        return teacher(images)
+        out = teacher(images)
+        return TeacherTargets(out.feats, [channel_means(f) for f in out.feats] if means else None, out.logits,
+                              out.embed)

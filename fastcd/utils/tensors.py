@@ -13,3 +13,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def upcast(x: Tensor) -> Tensor:
     """`x` in its `compute_dtype`."""
     return x.to(compute_dtype(x))
+
+
+def channel_means(x: Tensor) -> Tensor:
+    """The (N, C) spatial means of an (N, C, H, W) map, accumulated in its `compute_dtype` (no copy of it)."""
+    return x.mean(dim=(2, 3), dtype=compute_dtype(x))
