@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("fastcd.data_prep.cli", "convert a dataset into FFCV and DALI formats (offline, once)"),
     "demo": ("fastcd.commands.demo", "the main job: teacher, student alone and CD+GKD+EDT on Fashion-MNIST"),
     "repro": ("fastcd.commands.repro", "accuracy reproduction of the seed's table on real data"),
+    "cache-teacher": ("fastcd.commands.cache_teacher", "store the teacher's targets for a config's crops once, "
+                      "so training runs no teacher (teacher.cache)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "prepare": ("fastcd.bench.prepare", "dataset conversion: FFCV writer vs shard writer vs both"),

@@ -61,12 +61,16 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig(ModelConfig):
-    """The frozen teacher: weights `torchvision:<WEIGHTS>`, a fastcd checkpoint path, or `none` (random)."""
+    """The frozen teacher: weights `torchvision:<WEIGHTS>`, a fastcd checkpoint path, or `none` (random).
+    With `cache` (a folder `fastcd cache-teacher` wrote) no teacher runs: the losses read its stored targets;
+    `cache_reuse: cycle` lets a run longer than the cache replay its epochs (epoch e replays e mod E)."""
 
     arch: Arch = "resnet34"
     weights: str = "torchvision:IMAGENET1K_V1"
     bn_mode: Literal["eval", "train"] = "eval"
     fold_bn: bool = False  # fold BatchNorm into the convolutions (eval mode only): a faster forward
+    cache: str = ""
+    cache_reuse: Literal["exact", "cycle"] = "exact"
 
 
 LossType = Literal["ce_family", "kd_family", "kdv2_family", "fd_family"]
@@ -441,3 +445,10 @@ def validate(cfg: Config) -> None:
         needs = set(loss_class(spec.loss_name).inputs)
         if cfg.teacher is None and needs & set(TEACHER_INPUTS):
             raise FastcdError(f"loss_list[{i}] {spec.loss_name} needs a teacher but teacher is null")
+        if cfg.teacher is not None and cfg.teacher.cache and "tea_feats" in needs:
+            raise FastcdError(f"loss_list[{i}] {spec.loss_name} needs the teacher's whole stage maps, which a "
+                              "teacher cache does not hold (only their channel means, logits, embedding): "
+                              "train it with a live teacher (teacher.cache empty)")
+    if cfg.teacher is not None and cfg.teacher.cache and cfg.teacher.bn_mode != "eval":
+        raise FastcdError("teacher.cache needs teacher.bn_mode=eval: with batch statistics the teacher's "
+                          "targets for a crop depend on the rest of its batch, so they cannot be stored")

@@ -10,7 +10,7 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -34,6 +34,7 @@ class LoaderContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
+    keep_last: bool = False  # training keeps its last, partial batch (the teacher cache writes every crop)
 
 
 class BatchLoader(ABC):
@@ -41,6 +42,14 @@ class BatchLoader(ABC):
 
     num_classes: int
     num_samples: int  # samples this rank sees per epoch
+    # True when a backend draws its training crops from `crops.CropPlan` and yields the samples of
+    # `batch_indices()` in that order: a teacher cache can then replay what the teacher saw.
+    replays_crops: ClassVar[bool] = False
+
+    def fingerprint(self) -> str:
+        """A digest of the data this loader reads (a teacher cache must come from the same data)."""
+        raise FastcdError(f"the {type(self).__name__} backend cannot be used with a teacher cache: its crops "
+                          "are not fastcd's per-sample plan; use data.backend torch, fashion-mnist or synthetic")
 
     @abstractmethod
     def __len__(self) -> int:
@@ -77,7 +86,7 @@ class IndexedLoader(BatchLoader):
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.batch_size)
-        return full if self.train else full + bool(rest)
+        return full if self.train and not self.ctx.keep_last else full + bool(rest)
 
     def batch_indices(self) -> list[Tensor]:
         """The sample indices of each batch of the current epoch."""

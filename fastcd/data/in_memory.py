@@ -2,6 +2,7 @@
 and normalised there, with no worker processes (Fashion-MNIST, synthetic data)."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -16,12 +17,21 @@ from fastcd.data.transforms import center_crop, normalize, resized_crop_affine
 class InMemoryLoader(IndexedLoader):
     """Batches of `images` (N, C, H, W uint8; C = 1 is repeated to 3) and `labels` (N,)."""
 
+    replays_crops = True
+
     def __init__(self, images: Tensor, labels: Tensor, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         super().__init__(cfg, split, ctx, len(images))
         self.images = images.to(ctx.device)
         self.labels = labels.to(ctx.device, torch.int64)
         self.num_classes = ctx.num_classes
         self.set_epoch(0)
+
+    def fingerprint(self) -> str:
+        """sha256 of the images and labels (in sample order)."""
+        digest = hashlib.sha256()
+        for tensor in (self.images, self.labels):
+            digest.update(tensor.cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import queue
 import threading
@@ -95,8 +96,11 @@ def _collate_bytes(items: list[tuple[np.ndarray, int, Tensor]]) -> tuple[Tensor,
 class ShardsTorchLoader(IndexedLoader):
     """Shards -> torchvision decode (in CPU workers, or batched on the device) -> device batches."""
 
+    replays_crops = True
+
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         prepared = open_prepared(cfg.path, split, ctx, "dali")
+        self.manifest = prepared.root / "manifest.json"
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
@@ -104,10 +108,15 @@ class ShardsTorchLoader(IndexedLoader):
         plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
         self.sampler = _EpochOrder()
         self.loader = DataLoader(_Shards(self.samples, plan, self.device_decode), batch_size=self.batch_size,
-                                 sampler=self.sampler, num_workers=cfg.workers, drop_last=self.train,
+                                 sampler=self.sampler, num_workers=cfg.workers,
+                                 drop_last=self.train and not ctx.keep_last,
                                  persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",
                                  collate_fn=_collate_bytes if self.device_decode else None)
         self.set_epoch(0)
+
+    def fingerprint(self) -> str:
+        """sha256 of the prepared folder's manifest (which holds every shard's sha256)."""
+        return hashlib.sha256(self.manifest.read_bytes()).hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

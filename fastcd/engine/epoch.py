@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastcd.engine.sinks import MetricsLog
 from fastcd.engine.step import DistillStep
 from fastcd.engine.timing import DataWait
 from fastcd.errors import FastcdError
+from fastcd.models import TeacherTargets
 
 
 def raise_if_nonfinite(meter: Meter, cfg: Config, rt: Runtime, epoch: int, latest: Path) -> None:
@@ -31,9 +33,11 @@ def raise_if_nonfinite(meter: Meter, cfg: Config, rt: Runtime, epoch: int, lates
 
 
 def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config, rt: Runtime, epoch: int,
-                weights: list[float], latest: Path, log: MetricsLog) -> dict[str, Any]:
+                weights: list[float], latest: Path, log: MetricsLog,
+                cached: Iterator[TeacherTargets] | None = None) -> dict[str, Any]:
     """One epoch of `steps` iterations, a `kind: step` record every `train.log_every` steps (rank 0's share
-    of the batch); returns the epoch's train statistics (over every rank)."""
+    of the batch); returns the epoch's train statistics (over every rank). `cached`: the teacher's stored
+    targets of each batch, in the loader's order (read as part of the data wait)."""
     first_step = (epoch - 1) * steps
     meter = Meter(len(step.losses), rt.device)
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
@@ -44,8 +48,9 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
     for i in range(steps):
         wait.start()
         images, labels = next(batches)
+        targets = next(cached) if cached is not None else None
         wait.stop()
-        logits, terms, total = step(images, labels)
+        logits, terms, total = step(images, labels, cached=targets)
         meter.update(terms, total, logits, labels, first_step + i + 1)  # step numbers as in the records
         if (i + 1) % cfg.train.log_every == 0 or i + 1 == steps:
             raise_if_nonfinite(meter, cfg, rt, epoch, latest)  # intentional syncs: log time only

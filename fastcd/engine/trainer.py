@@ -16,6 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from fastcd.cache.use import cache_epoch, open_cache
 from fastcd.config import Config
 from fastcd.data import build_loader
 from fastcd.engine.distributed import describe_failure, is_collective_failure, teardown
@@ -28,28 +29,24 @@ from fastcd.engine.sinks import MetricsLog, require_tensorboard
 from fastcd.engine.step import DistillStep
 from fastcd.errors import FastcdError
 from fastcd.losses import build_loss
-from fastcd.models import StudentWithConnectors, build_resnet, freeze
-from fastcd.models.fold import fold_batchnorm
+from fastcd.models import StudentWithConnectors, build_resnet
 from fastcd.models.resnet import FeatureResNet
-from fastcd.models.teacher import load_teacher
+from fastcd.models.teacher import build_teacher, stage_channels
 from fastcd.schedules import adjust_loss_alpha, build_lr_scheduler
 from fastcd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
 def build_models(cfg: Config, rt: Runtime,
                  connector_stages: Sequence[int] = ()) -> tuple[StudentWithConnectors, FeatureResNet | None]:
-    """The trainable student with the connectors of `connector_stages` and the frozen teacher, on the device,
-    in the run's layout."""
+    """The trainable student with the connectors of `connector_stages` and the frozen teacher (none without a
+    teacher section, or with a teacher cache), on the device, in the run's layout."""
     student = build_resnet(cfg.student.arch, cfg.student.num_classes, cfg.student.stem, cfg.student.width)
-    teacher = freeze(load_teacher(cfg.teacher), cfg.teacher.bn_mode) if cfg.teacher else None
-    if teacher is not None and cfg.teacher.fold_bn:
-        teacher = fold_batchnorm(teacher)
-    model = StudentWithConnectors(student, teacher.stage_channels if teacher is not None else None,
-                                  connector_stages if teacher is not None else ())
-    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model.to(rt.device, memory_format=fmt)
-    if teacher is not None:
-        teacher.to(rt.device, memory_format=fmt)
+    t = cfg.teacher
+    model = StudentWithConnectors(student, stage_channels(t) if t is not None else None,
+                                  connector_stages if t is not None else ())
+    model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    # the teacher last: with or without it (a teacher cache), the trained modules start from the same draws
+    teacher = build_teacher(t, rt.device, cfg.train.channels_last) if t is not None and not t.cache else None
     return model, teacher
 
 
@@ -112,6 +109,9 @@ class Run:
             ckpt = load_checkpoint(self.latest)
             check_resumable(ckpt, cfg, self.latest, self.steps, rt.world_size)
         self.model, self.step = build_step(cfg, rt, self.steps, ckpt, "default" if cfg.train.compile else None)
+        self.cache = None
+        if cfg.teacher is not None and cfg.teacher.cache:  # no teacher was built: its targets come from here
+            self.cache = open_cache(cfg, self.train_loader, {n for loss in self.step.losses for n in loss.inputs})
         self.start_epoch, self.history, self.best = 0, [], math.inf
         if ckpt is not None:
             self.start_epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best_top1_err"]
@@ -154,10 +154,16 @@ class Run:
         """Train epoch `epoch` (1-based), checkpoint it, then evaluate it."""
         weights = loss_weights(self.cfg, epoch)
         self.step.set_weights(weights)
-        self.train_loader.set_epoch(epoch - 1)
+        cached = None
+        if self.cache is None:
+            self.train_loader.set_epoch(epoch - 1)
+        else:  # the crops of the cache epoch this epoch replays, and their stored targets
+            replayed = cache_epoch(self.cfg, self.cache, epoch - 1)
+            self.train_loader.set_epoch(replayed)
+            cached = self.cache.batches(replayed, self.train_loader.batch_indices(), self.rt.device)
         self.model.train()
         stats = train_epoch(self.step, self.train_loader, self.steps, self.cfg, self.rt, epoch, weights,
-                            self.latest, self.log)
+                            self.latest, self.log, cached)
         record = {"kind": "epoch", "epoch": epoch, "weights": weights, "losses": stats["terms"],
                   "loss": stats["total"], "lr": self.step.optimizer.param_groups[0]["lr"],
                   "train_top1_err": stats["top1_err"], "train_top5_err": stats["top5_err"], "val_top1_err": None,

@@ -1,12 +1,16 @@
 """Teacher weights: torchvision's pretrained ones (`torchvision:IMAGENET1K_V1`) or a fastcd checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import urllib.error
 
+import torch
 import torchvision
 
 from fastcd.config import TeacherConfig
 from fastcd.errors import FastcdError
+from fastcd.models.fold import fold_batchnorm
+from fastcd.models.pair import freeze
 from fastcd.models.resnet import FeatureResNet, build_resnet
 
 
@@ -57,3 +61,29 @@ def load_teacher(cfg: TeacherConfig) -> FeatureResNet:
         raise FastcdError(f"teacher weights {cfg.weights!r} do not fit {cfg.arch}: "
                           f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
     return net
+
+
+def weights_sha256(cfg: TeacherConfig) -> str:
+    """sha256 of the teacher's weights as `load_teacher` loads them (names, dtypes, shapes and values, in
+    order); `none` (random weights) has no fingerprint."""
+    if cfg.weights == "none":
+        return "none"
+    digest = hashlib.sha256()
+    for name, tensor in load_teacher(cfg).state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stage_channels(cfg: TeacherConfig) -> list[int]:
+    """The teacher's stage output channels, without building its weights (what the connectors map to)."""
+    with torch.device("meta"):
+        return build_resnet(cfg.arch, cfg.num_classes, cfg.stem, cfg.width).stage_channels
+
+
+def build_teacher(cfg: TeacherConfig, device: torch.device, channels_last: bool) -> FeatureResNet:
+    """The frozen teacher of `cfg` (weights loaded, BatchNorm as `bn_mode` says, folded if asked) on `device`."""
+    teacher = freeze(load_teacher(cfg), cfg.bn_mode)
+    if cfg.fold_bn:
+        teacher = fold_batchnorm(teacher)
+    return teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
