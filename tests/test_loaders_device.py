@@ -85,3 +85,35 @@ def test_a_decode_error_reaches_the_training_loop(prepared: Path, monkeypatch: p
     with pytest.raises(RuntimeError, match="nvjpeg says no"):
         batches(prepared, "train", "device")
     assert not _decode_threads()
+
+
+def test_two_backends_execute_the_same_crops(tmp_path: Path) -> None:
+    """The in-memory backend (grid_sample over tensors) and the torch backend (decode + resized_crop in its
+    workers), given the same images, seed and epoch, produce the same training crops: the same samples in the
+    same order, equal up to the resize filters (what a teacher cache relies on)."""
+    from torchvision.io import decode_jpeg
+
+    from fastcd.data.in_memory import InMemoryLoader
+    from fastcd.data.prepared import ShardSamples, open_prepared
+
+    rng = np.random.default_rng()
+    for c in range(CLASSES):
+        (tmp_path / "src" / "train" / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            smooth_image(rng, 40, 40).save(tmp_path / "src" / "train" / f"c{c}" / f"{i}.jpg", quality=95)
+    prepare(tmp_path / "src", tmp_path / "out", formats=["dali"], workers=1, shard_samples=5, progress=False)
+    cfg = DataConfig(backend="torch", path=str(tmp_path / "out"), batch_size=6, workers=1, res=32, scale_min=0.3,
+                     decode="workers")
+    ctx = LoaderContext(torch.device("cpu"), num_classes=CLASSES, seed=11)
+    shards = ShardSamples(open_prepared(cfg.path, "train", ctx, "dali"))
+    images = torch.stack([decode_jpeg(torch.from_numpy(shards.jpeg(i).copy())) for i in range(len(shards))])
+    labels = torch.tensor([shards.label(i) for i in range(len(shards))])
+    backends = [build_loader(cfg, "train", ctx), InMemoryLoader(images, labels, cfg, "train", ctx)]
+    for loader in backends:
+        loader.set_epoch(3)
+    a, b = (list(loader) for loader in backends)
+    assert [torch.equal(i, j) for i, j in zip(backends[0].batch_indices(), backends[1].batch_indices())] == [True] * 3
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb)
+        levels = (xa - xb).abs() * 255 * min(DataConfig().std)
+        assert levels.mean() < 1.5, levels.mean()
