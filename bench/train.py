@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import os
 import statistics
 import tempfile
@@ -31,6 +32,9 @@ import torch
 from torch import Tensor
 
 from fastcd.bench.prepare import generated_dataset, importable
+from fastcd.cache.store import CacheReader
+from fastcd.cache.use import cache_epoch, open_cache
+from fastcd.cache.write import contents_for, write_cache
 from fastcd.config import Config, add_set_argument, drop_overrides_into_null, load_config
 from fastcd.data import BatchLoader, build_loader
 from fastcd.engine.runtime import loader_context, seed_everything, setup_runtime
@@ -39,6 +43,7 @@ from fastcd.engine.step import DistillStep
 from fastcd.engine.trainer import build_step, loss_weights
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_params
+from fastcd.models import TeacherTargets
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
 from fastcd.utils.machine import machine_info
 from fastcd.utils.results import add_out_argument, peak_memory, record
@@ -71,6 +76,8 @@ class Knob:
     cuda_graphs: bool = False
     skip: str | None = None
     alternative: bool = False  # one of a group of alternatives (loaders): compared with the row before the group
+    kept: bool = True  # False: measured on top of the rows above, not carried into the rows below
+    teacher_cache: str = ""  # a cache folder to write for the row's config (without the cache) first
 
 
 class PhaseClock:
@@ -104,11 +111,15 @@ class PhaseClock:
         return [[(b - a) * 1e3 for a, b in zip(m, m[1:])] for m in self.steps]
 
 
-def _endless(loader: BatchLoader) -> Iterator[tuple[Tensor, Tensor]]:
+def _endless(loader: BatchLoader, cfg: Config, cache: CacheReader | None,
+             device: torch.device) -> Iterator[tuple[tuple[Tensor, Tensor], TeacherTargets | None]]:
+    """Epoch after epoch of ((images, labels), the teacher's cached targets or None), as the trainer reads them."""
     epoch = 0
     while True:
-        loader.set_epoch(epoch)
-        yield from loader
+        replayed = cache_epoch(cfg, cache, epoch) if cache else epoch
+        loader.set_epoch(replayed)
+        targets = cache.batches(replayed, loader.batch_indices(), device) if cache else itertools.repeat(None)
+        yield from zip(loader, targets)
         epoch += 1
 
 
@@ -134,15 +145,18 @@ def measure(cfg: Config, warmup: int, steps: int, cuda_graphs: bool = False) -> 
     cuda = step.rt.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    clock, batches = PhaseClock(step.rt.device), _endless(loader)
+    cache = None
+    if cfg.teacher is not None and cfg.teacher.cache:
+        cache = open_cache(cfg, loader, {name for loss in step.losses for name in loss.inputs})
+    clock, batches = PhaseClock(step.rt.device), _endless(loader, cfg, cache, step.rt.device)
 
     def one_step(keep: bool) -> None:
         if cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         clock.mark()
-        images, labels = next(batches)
+        (images, labels), targets = next(batches)
         clock.mark()
-        step.run(images, labels, clock.mark)  # the trainer's step; the clock marks its phases
+        step.run(images, labels, clock.mark, targets)  # the trainer's step; the clock marks its phases
         clock.end_step(keep)
 
     batch = cfg.data.batch_size
@@ -220,8 +234,9 @@ def loader_skip(backend: str, data: PreparedData | None) -> str | None:
     return None if needs in data.formats else f"{data.out} was prepared without the {needs} format"
 
 
-def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str]) -> list[Knob]:
-    """The original configuration, then one knob at a time (each row keeps the previous rows' knobs)."""
+def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str], cache_dir: Path) -> list[Knob]:
+    """The original configuration, then one knob at a time (each row keeps the previous rows' knobs; the
+    teacher-cache row, whose cache is written in `cache_dir`, is measured on top of them but not kept)."""
     original = ["train.amp=fp32", "train.channels_last=false", "optim.fused=false", "train.compile=false",
                 *_impl_overrides(cfg, "eager"), *(["teacher.fold_bn=false"] if cfg.teacher else [])]
     if data:
@@ -237,6 +252,10 @@ def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str])
         Knob("fused optimizer", ["optim.fused=true"]),
         Knob("teacher BN folded", ["teacher.fold_bn=true"],
              skip=no_teacher or (None if cfg.teacher.bn_mode == "eval" else "bn_mode=train cannot fold")),
+        Knob("teacher cache", [f"teacher.cache={cache_dir}", "teacher.cache_reuse=cycle"], kept=False,
+             teacher_cache=str(cache_dir), skip=no_teacher or (None if cfg.teacher.bn_mode == "eval" else
+                                                               "bn_mode=train: no cache") or
+             (None if data is None else "the ImageFolder rows' crops are torchvision's: not replayable")),
         Knob("torch.compile", ["train.compile=true"]),
         *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={data.out if data else ''}"],
                skip=loader_skip(b, data), alternative=True) for b in LOADER_BACKENDS],
@@ -353,6 +372,9 @@ def run_knobs(knobs: list[Knob], config: str, overrides: list[str], warmup: int,
             print(f"{knob.name:20s} skipped: {knob.skip}")
             continue
         try:
+            if knob.teacher_cache:
+                live = load_config(config, overrides + added)
+                write_cache(live, Path(knob.teacher_cache), 1, contents_for(live))
             result = measure(load_config(config, overrides + added + knob.overrides), warmup, steps,
                              knob.cuda_graphs)
         except (FastcdError, RuntimeError, ImportError) as e:
@@ -371,14 +393,16 @@ def run_knobs(knobs: list[Knob], config: str, overrides: list[str], warmup: int,
                          "reason": "no CUDA graph was launched: torch.compile ran its kernels one by one"})
             print(f"{knob.name:20s} failed: no CUDA graph was launched")
             continue
-        added += knob.overrides
+        if knob.kept:
+            added += knob.overrides
         if not knob.alternative:
             before_group = None
         elif before_group is None:
             before_group = previous
         reference = before_group if knob.alternative else previous
         result["vs_previous"] = round(result["images_per_s"] / reference, 3) if reference else 1.0
-        previous = result["images_per_s"]
+        if knob.kept:
+            previous = result["images_per_s"]
         rows.append({"knob": knob.name, "status": "ok", "overrides": list(knob.overrides),
                      "cuda_graphs": knob.cuda_graphs, **result})
         print(f"{knob.name:20s} {result['images_per_s']:9.1f} img/s  step {result['step_ms']:.1f} ms  "
@@ -394,9 +418,10 @@ def run(args: argparse.Namespace) -> int:
     if data and not args.ablation:
         raise FastcdError("--data loader without --ablation: set data.backend/data.path with --set instead")
     cfg, overrides = _base_config(args, cuda, data)
-    knobs = ablation(cfg, cuda, data, set(filter(None, args.skip.split(",")))) if args.ablation \
-        else [Knob("config")]
-    rows = run_knobs(knobs, args.config, overrides, warmup, steps)
+    with tempfile.TemporaryDirectory(prefix="fastcd-bench-teacher-cache-") as cache_dir:
+        knobs = ablation(cfg, cuda, data, set(filter(None, args.skip.split(","))), Path(cache_dir)) \
+            if args.ablation else [Knob("config")]
+        rows = run_knobs(knobs, args.config, overrides, warmup, steps)
     text = table(rows)
     print("\n" + text)
     ok = [r for r in rows if r["status"] == "ok"]

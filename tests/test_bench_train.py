@@ -28,7 +28,7 @@ def one_thread():
 
 
 KNOBS = ["original", "channels_last", "autocast bf16", "fused losses", "fused optimizer", "teacher BN folded",
-         "torch.compile", "loader torch", "loader ffcv", "loader dali", "CUDA graphs"]
+         "teacher cache", "torch.compile", "loader torch", "loader ffcv", "loader dali", "CUDA graphs"]
 
 
 def test_ablation_gives_one_row_per_knob_and_names_the_skipped(tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_ablation_gives_one_row_per_knob_and_names_the_skipped(tmp_path, capsys)
     rows = json.loads(json_path.read_text())[-1]["rows"]
     assert [r["knob"] for r in rows] == KNOBS
     status = {r["knob"]: r["status"] for r in rows}
-    ran = ["original", "channels_last", "autocast bf16", "fused optimizer", "teacher BN folded"]
+    ran = ["original", "channels_last", "autocast bf16", "fused optimizer", "teacher BN folded", "teacher cache"]
     assert all(status[k] == "ok" for k in ran), rows
     reasons = {r["knob"]: r.get("reason", "") for r in rows}
     assert "--skip" in reasons["torch.compile"] and "CUDA" in reasons["fused losses"]
@@ -50,6 +50,8 @@ def test_ablation_gives_one_row_per_knob_and_names_the_skipped(tmp_path, capsys)
         if r["status"] == "ok":
             assert r["images_per_s"] > 0 and set(r["phases_ms"]) == set(PHASES) and r["host_peak_mib"] > 0
     assert rows[0]["vs_previous"] == 1.0
+    by = {r["knob"]: r for r in rows}
+    assert by["teacher cache"]["phases_ms"]["teacher"] < 0.2 * by["teacher BN folded"]["phases_ms"]["teacher"]
     table = json_path.with_suffix(".md").read_text()
     assert all(f"| {k} |" in table for k in KNOBS)
     assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,7 +141,7 @@ def test_an_interrupt_keeps_the_rows_done(tmp_path, monkeypatch):
     assert main(["bench", "train", str(cfg_path), "--ablation", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("*-train.json")).read_text())[-1]["rows"]
     assert [r["status"] for r in rows[:2]] == ["ok", "ok"] and rows[1]["vs_previous"] == 2.0
-    assert len(rows) == 11 and {r["status"] for r in rows[2:]} == {"interrupted"}
+    assert len(rows) == len(KNOBS) and {r["status"] for r in rows[2:]} == {"interrupted"}
     assert calls == ["fp32", "fp32", "bf16"]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-import fastcd.commands.cache_teacher as cache_teacher
+import fastcd.cache.write as cache_write
 from fastcd.cli import main
 from fastcd.config import config_from_dict
 from fastcd.engine.trainer import train
@@ -119,9 +119,9 @@ def test_an_interrupted_cache_write_resumes_to_the_same_files(tmp_path: Path, te
     src = distill(tmp_path, teacher, "src", CE_CD)
     clean = tmp_path / "clean"
     assert main(["cache-teacher", str(src), "--out", str(clean)]) == 0
-    monkeypatch.setattr(cache_teacher, "FLUSH_EVERY", 2)
+    monkeypatch.setattr(cache_write, "FLUSH_EVERY", 2)
     calls = {"n": 0}
-    real_write = cache_teacher.EpochWriter.write
+    real_write = cache_write.EpochWriter.write
 
     def dying_write(self, indices, rows):
         calls["n"] += 1
@@ -129,12 +129,12 @@ def test_an_interrupted_cache_write_resumes_to_the_same_files(tmp_path: Path, te
             raise KeyboardInterrupt
         real_write(self, indices, rows)
 
-    monkeypatch.setattr(cache_teacher.EpochWriter, "write", dying_write)
+    monkeypatch.setattr(cache_write.EpochWriter, "write", dying_write)
     resumed = tmp_path / "resumed"
     assert main(["cache-teacher", str(src), "--out", str(resumed)]) == 130
     assert json.loads((resumed / "manifest.json").read_text())["epochs_done"] == [0]
     assert json.loads((resumed / "epoch-0001.partial" / "progress.json").read_text())["batches_done"] == 2
-    monkeypatch.setattr(cache_teacher.EpochWriter, "write", real_write)
+    monkeypatch.setattr(cache_write.EpochWriter, "write", real_write)
     assert main(["cache-teacher", str(src), "--out", str(resumed)]) == 0
     for epoch in ("epoch-0000", "epoch-0001"):
         assert np.array_equal(np.load(resumed / epoch / "means.npy"), np.load(clean / epoch / "means.npy"))

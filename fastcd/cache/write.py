@@ -1,0 +1,111 @@
+"""Writing a teacher cache: the config's teacher over E epochs of its training crops, resumably."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fastcd.cache.identity import differences, identity
+from fastcd.cache.store import Contents, EpochWriter, epoch_dir, new_manifest, read_manifest, write_manifest
+from fastcd.config import Config
+from fastcd.data import build_loader
+from fastcd.engine.runtime import loader_context, seed_everything, setup_runtime
+from fastcd.errors import FastcdError
+from fastcd.losses.registry import loss_class
+from fastcd.models import teacher_targets
+from fastcd.models.teacher import build_teacher, stage_channels, weights_sha256
+
+FLUSH_EVERY = 20  # batches between flushes of the arrays and progress.json
+
+
+def default_out(cfg: Config) -> Path:
+    """`<data.path>/teacher-cache/<name>`, or `runs/teacher-cache/<name>` for data without a path."""
+    return (Path(cfg.data.path) if cfg.data.path else Path("runs")) / "teacher-cache" / cfg.name
+
+
+def contents_for(cfg: Config, logits: str | None = None, embed: bool | None = None, dtype: str = "fp16") -> Contents:
+    """What to store: the means always; logits and embedding as asked, else as the config's losses read."""
+    inputs = {name for spec in cfg.loss_list for name in loss_class(spec.loss_name).inputs}
+    logits = logits or ("full" if "tea_logits" in inputs else "none")
+    if logits not in ("full", "none") and not (logits.startswith("topk=") and logits[5:].isdigit()
+                                               and 0 < int(logits[5:]) <= cfg.teacher.num_classes):
+        raise FastcdError(f"--logits {logits!r}: give full, none or topk=K with 1 <= K <= {cfg.teacher.num_classes}")
+    if embed is None:
+        embed = "tea_embed" in inputs
+    channels = stage_channels(cfg.teacher)
+    return Contents(tuple(channels), cfg.teacher.num_classes, logits, channels[-1] if embed else 0, dtype)
+
+
+def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: bool = False) -> dict[str, Any]:
+    """Run `cfg`'s teacher over `epochs` epochs of its training crops and store `contents` of its targets in
+    `out`, going on from what an interrupted write left (a cache of another config is refused unless
+    `force`, which rebuilds it); returns the manifest."""
+    t = cfg.teacher
+    if t is None:
+        raise FastcdError("teacher is null; a cache needs the config of the teacher it stores")
+    if t.cache:
+        raise FastcdError("the config reads teacher.cache; write a cache from the config of the live teacher "
+                          "(--set teacher.cache= )")
+    if t.bn_mode != "eval":
+        raise FastcdError("teacher.bn_mode=train: batch statistics make a crop's targets depend on its batch, "
+                          "so they cannot be stored; use bn_mode eval")
+    if epochs < 1:
+        raise FastcdError(f"--epochs must be at least 1, got {epochs}")
+    rt = setup_runtime(cfg.train)
+    if rt.distributed:
+        raise FastcdError("fastcd cache-teacher runs in one process; start it without torchrun")
+    seed_everything(cfg.train.seed)
+    loader = build_loader(cfg.data, "train", dataclasses.replace(loader_context(cfg, rt), keep_last=True))
+    if not loader.replays_crops:
+        loader.fingerprint()  # a one-line error: this backend's crops cannot be replayed
+    digest = weights_sha256(t)
+    manifest = new_manifest(identity(cfg, loader, epochs, digest), contents, epochs, loader.size)
+    if (out / "manifest.json").is_file() and not force:
+        old = read_manifest(out)
+        wrong = differences(old["identity"], manifest["identity"])
+        wrong += [f"{k}: the cache has {old[k]!r}, now {manifest[k]!r}" for k in ("contents", "samples")
+                  if old[k] != manifest[k]]
+        if wrong:
+            raise FastcdError(f"{out} holds a cache for another config or options ({wrong[0]}); pick another "
+                              "--out, or --force to rebuild it")
+        manifest["epochs_done"] = [e for e in old["epochs_done"] if e < epochs]  # resumed (or extended)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("epoch-*"):
+            shutil.rmtree(stale)
+    write_manifest(out, manifest)
+    teacher = build_teacher(t, rt.device, cfg.train.channels_last)
+    bar = tqdm(total=len(loader) * epochs, desc=f"cache-teacher {cfg.name}", unit="batch", dynamic_ncols=True,
+               disable=not cfg.train.progress)
+    start, crops = time.perf_counter(), 0
+    for epoch in range(epochs):
+        if epoch in manifest["epochs_done"]:
+            bar.update(len(loader))
+            continue
+        loader.set_epoch(epoch)
+        writer = EpochWriter(out, epoch, contents, loader.size)
+        indices = loader.batch_indices()
+        for b, (images, _labels) in enumerate(loader):
+            if b < writer.batches_done:  # written before an interruption
+                bar.update()
+                continue
+            with torch.no_grad(), rt.autocast():
+                targets = teacher_targets(teacher, images, means=True)
+            writer.write(indices[b], contents.rows(targets))
+            crops += len(indices[b])
+            if (b + 1) % FLUSH_EVERY == 0:
+                writer.checkpoint(b + 1)
+            bar.update()
+            bar.set_postfix(crops_s=f"{crops / (time.perf_counter() - start):.0f}")
+        writer.checkpoint(len(indices))
+        writer.finish()
+        manifest["epochs_done"] = sorted({*manifest["epochs_done"], epoch})
+        write_manifest(out, manifest)
+    bar.close()
+    manifest["bytes"] = sum(f.stat().st_size for e in range(epochs) for f in epoch_dir(out, e).glob("*.npy"))
+    return manifest
