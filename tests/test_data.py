@@ -167,3 +167,17 @@ def test_single_sample_and_undersized_batches(tmp_path):
         assert len(train) == 0 and list(train) == []
         empty_share = build_loader(replace(cfg, val_subset=1), "val", replace(ctx, rank=1, world_size=2))
         assert len(empty_share) == 0 and list(empty_share) == []
+
+
+def test_every_backend_the_config_offers_has_a_loader():
+    import importlib
+    import typing
+
+    from fastcd.data.base import BACKENDS
+
+    offered = typing.get_args(typing.get_type_hints(DataConfig)["backend"])
+    assert sorted(offered) == sorted(BACKENDS)
+    for name, target in BACKENDS.items():
+        module, _, factory = target.partition(":")
+        if name not in ("ffcv", "dali"):  # their libraries may be absent; build_loader says so in one line
+            assert callable(getattr(importlib.import_module(module), factory))

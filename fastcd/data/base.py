@@ -94,34 +94,24 @@ class IndexedLoader(BatchLoader):
 
 
 LoaderFactory = Callable[[DataConfig, Split, LoaderContext], BatchLoader]
-LOADERS: dict[str, LoaderFactory] = {}
-# Backend -> module that registers it (imported on first use, so a missing library breaks only its backend).
-BACKEND_MODULES = {
-    "imagefolder": "fastcd.data.imagefolder",
-    "fashion-mnist": "fastcd.data.fashion_mnist",
-    "synthetic": "fastcd.data.synthetic",
-    "torch": "fastcd.data.shards_torch",
-    "ffcv": "fastcd.data.ffcv_loader",
-    "dali": "fastcd.data.dali_loader",
+# Backend -> "module:factory", imported on first use, so a missing library breaks only its backend.
+BACKENDS = {
+    "imagefolder": "fastcd.data.imagefolder:imagefolder_loader",
+    "fashion-mnist": "fastcd.data.fashion_mnist:fashion_mnist_loader",
+    "synthetic": "fastcd.data.synthetic:synthetic_loader",
+    "torch": "fastcd.data.shards_torch:shards_torch_loader",
+    "ffcv": "fastcd.data.ffcv_loader:ffcv_loader",
+    "dali": "fastcd.data.dali_loader:dali_loader",
 }
-
-
-def register_loader(name: str) -> Callable[[LoaderFactory], LoaderFactory]:
-    """Decorator adding a backend factory `(cfg, split, ctx) -> BatchLoader` under `name`."""
-
-    def add(factory: LoaderFactory) -> LoaderFactory:
-        LOADERS[name] = factory
-        return factory
-
-    return add
 
 
 def build_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """The loader of backend `cfg.backend` for `split`."""
-    if cfg.backend not in BACKEND_MODULES:
-        raise FastcdError(f"unknown data.backend {cfg.backend!r}; choose from {', '.join(BACKEND_MODULES)}")
+    if cfg.backend not in BACKENDS:
+        raise FastcdError(f"unknown data.backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+    module, _, factory = BACKENDS[cfg.backend].partition(":")
     try:
-        importlib.import_module(BACKEND_MODULES[cfg.backend])
+        make: LoaderFactory = getattr(importlib.import_module(module), factory)
     except ImportError as e:
         raise FastcdError(f"data.backend {cfg.backend!r} cannot be used: its library failed to import ({e})") from e
-    return LOADERS[cfg.backend](cfg, split, ctx)
+    return make(cfg, split, ctx)

@@ -23,10 +23,10 @@ from nvidia.dali import Pipeline, fn, types
 from torch import Tensor
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
+from fastcd.data.crops import RATIO
 from fastcd.data.prepared import ShardSamples, open_prepared
 
-RATIO = (3 / 4, 4 / 3)
 # What crop_mirror_normalize writes for each run dtype (no bfloat16 in DALI: fp32, rounded once by torch).
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
 
@@ -119,7 +119,6 @@ class DaliLoader(IndexedLoader):
         self.pipe.reset()
 
 
-@register_loader("dali")
 def dali_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """DALI over the prepared shards of `cfg.path`."""
     return DaliLoader(cfg, split, ctx)

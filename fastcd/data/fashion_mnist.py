@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, LoaderContext, Split
 from fastcd.data.in_memory import InMemoryLoader
 from fastcd.errors import FastcdError
 
@@ -58,7 +58,6 @@ def load_split(folder: str | Path, split: Split) -> tuple[np.ndarray, np.ndarray
     return images, labels
 
 
-@register_loader("fashion-mnist")
 def fashion_mnist_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """The idx files of `cfg.path` (first `train_subset`/`val_subset` samples if set), on the device."""
     images, labels = load_split(cfg.path, split)

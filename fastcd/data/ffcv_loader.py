@@ -17,14 +17,14 @@ from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, T
 from torch import Tensor
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, LoaderContext, Split
+from fastcd.data.crops import RATIO
 from fastcd.data.prepared import open_prepared
 from fastcd.data.resolution import train_res
 from fastcd.data.sharding import epoch_indices
 from fastcd.data.transforms import normalize
 from fastcd.errors import FastcdError
 
-RATIO = (3 / 4, 4 / 3)
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
 
 
@@ -87,7 +87,6 @@ class FfcvLoader(BatchLoader):
             yield normalize(images, c.mean, c.std, self.ctx.dtype, self.ctx.channels_last), labels
 
 
-@register_loader("ffcv")
 def ffcv_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """FFCV over the prepared `.beton` of `cfg.path`."""
     return FfcvLoader(cfg, split, ctx)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from torchvision.transforms import v2
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
 from fastcd.data.transforms import normalize
 from fastcd.errors import FastcdError
 
@@ -84,7 +84,6 @@ def _seed_worker(worker_id: int) -> None:
     torch.manual_seed(torch.initial_seed() % 2**32 + worker_id)
 
 
-@register_loader("imagefolder")
 def imagefolder_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """The original ImageFolder pipeline over `cfg.path/<split>`."""
     return ImageFolderLoader(cfg, split, ctx)

@@ -30,7 +30,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
 from fastcd.data.crops import CropPlan
 from fastcd.data.prepared import ShardSamples, open_prepared
 from fastcd.data.transforms import normalize, resized_crops
@@ -199,7 +199,6 @@ def _prefetched(batches: Iterator[tuple], make: Callable[..., tuple[Tensor, Tens
         thread.join()
 
 
-@register_loader("torch")
 def shards_torch_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """torchvision decoding of the prepared shards of `cfg.path`."""
     return ShardsTorchLoader(cfg, split, ctx)

@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, LoaderContext, Split, register_loader
+from fastcd.data.base import BatchLoader, LoaderContext, Split
 from fastcd.data.in_memory import InMemoryLoader
 
 DEFAULT_SIZES = {"train": 2048, "val": 512}
 
 
-@register_loader("synthetic")
 def synthetic_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """`train_subset`/`val_subset` images (default 2048/512) of `max(res, val_res)` pixels, seeded."""
     n = (cfg.train_subset if split == "train" else cfg.val_subset) or DEFAULT_SIZES[split]
