@@ -14,8 +14,8 @@ if not torch.cuda.is_available():  # the Triton kernels run on CPU tensors throu
 
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
-    """Tiny models run as fast on one thread, and two OpenMP threads per process collapse (10x and
-    more) as soon as anything else shares the two cores of the machines this suite targets."""
+    """One intra-op thread: tiny models run as fast on it, and competing OpenMP threads slow a shared
+    machine down many times over."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

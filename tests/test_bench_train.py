@@ -17,16 +17,6 @@ from tests.conftest import tiny_dict
 TINY = ["student.width=0.0625", "teacher.width=0.0625", "data.res=16", "data.val_res=16", "data.batch_size=32"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads per process slow
-    everything down by 10x or more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 KNOBS = ["original", "channels_last", "autocast bf16", "fused losses", "fused optimizer", "teacher BN folded",
          "teacher cache", "torch.compile", "loader torch", "loader ffcv", "loader dali", "CUDA graphs"]
 

@@ -3,8 +3,8 @@
 Train: RandomResizedCrop decoder + flip, `RANDOM` (or `QUASI_RANDOM`) order seeded by the run,
 `distributed=True` under DDP (ffcv's DistributedSampler: needs torch.distributed initialised).
 Val: centre-crop decoder, sequential, each rank reading its strided share (`epoch_indices`), so the
-ranks cover every sample once. Pixels stay uint8 until the device; FFCV's NormalizeImage is not used
-(a CPU pipeline ending in it did not finish in a probe here).
+ranks cover every sample once. Pixels stay uint8 until the device and are normalised there by
+`transforms.normalize`, one op for every backend (FFCV's NormalizeImage is not used).
 """
 from __future__ import annotations
 
