@@ -8,7 +8,6 @@ one line per sample listing each member as `<ext> <data offset> <size> <member n
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from dataclasses import dataclass
@@ -110,12 +109,6 @@ def read_index(index_path: str | os.PathLike) -> list[dict[str, IndexEntry]]:
                    for i in range(0, len(parts), 4)]
         samples.append({e.ext: e for e in entries})
     return samples
-
-
-def read_member(tar: io.BufferedReader, entry: IndexEntry) -> bytes:
-    """Read one member's bytes from an open tar file through its index entry."""
-    tar.seek(entry.offset)
-    return tar.read(entry.size)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -151,7 +151,9 @@ class Run:
             tqdm.write(format_record(record, self.cfg))
 
     def epoch(self, epoch: int) -> None:
-        """Train epoch `epoch` (1-based), checkpoint it, then evaluate it."""
+        """Train epoch `epoch` (1-based), checkpoint it, then evaluate it. Epochs are 1-based here, in the
+        records and in the loss-rate decay (as the seed's schedule counts them); loaders, crops and the teacher
+        cache count from 0, hence `epoch - 1` below."""
         weights = loss_weights(self.cfg, epoch)
         self.step.set_weights(weights)
         cached = None
