@@ -101,3 +101,18 @@ def test_vs_original_trains_both_pipelines_per_seed_and_reports_the_ratio(tmp_pa
             assert f"backend: {backend}" in config and f"seed: {seed}" in config
     assert (tmp_path / "runs" / "prepared" / "manifest.json").is_file()
     assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_breakdown_measures_every_knob_and_loader_in_a_spawned_process(tmp_path) -> None:
+    """The per-knob breakdown at a tiny size (ffcv's numba compilation makes it slow)."""
+    from fastcd.data_prep.prepare import prepare
+    from fastcd.vs_original import LOADERS, breakdown
+
+    write_jpeg_tree(tmp_path / "jpeg", 256, 128)
+    prepare(str(tmp_path / "jpeg"), str(tmp_path / "prep"), workers=1, progress=False)
+    common = ["data.train_subset=256", "data.val_subset=128", "train.progress=false", *TINY_ARGS[1::2]]
+    rows = breakdown(common, tmp_path / "jpeg", tmp_path / "prep", 1, 2)
+    assert [r["knob"] for r in rows] == ["original", *(n for n, _ in KNOBS), *(f"loader {b}" for b in LOADERS)]
+    assert all(r["status"] in ("ok", "failed") for r in rows) and rows[0]["status"] == "ok"
+    assert choose(rows).backend in LOADERS
