@@ -3,10 +3,13 @@
 Used by `fastcd demo` (one seed) and `fastcd repro` (several): each seed has its own teacher, and that
 seed's distilled students read the teacher's final checkpoint (`latest.pt`, the one whose error the table
 reports). A teacher folder that already holds a finished run of exactly the same config is reused, not
-retrained.
+retrained. With `teacher_cache`, the teacher's targets on that seed's crops are written once
+(`fastcd.cache`, fp32: the same numbers the live teacher gives) and every row whose losses need no whole
+teacher map (all but AT and FitNets) reads them instead of running the teacher.
 """
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -19,10 +22,12 @@ from fastcd.config import Config, drop_overrides_into_null, load_config
 from fastcd.engine.run_folder import check_run_folder
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
+from fastcd.losses.registry import loss_class
 from fastcd.report import Row
 from fastcd.utils.checkpoint import load_checkpoint
 
 TEACHER = "t_resnet34"  # the config (file stem) whose final checkpoint the other rows distil from
+CACHE = "teacher-cache"  # the folder, beside the seed's runs, of the teacher's stored targets
 # Fields that do not change what a run computes: ignored when deciding whether a finished run can be reused.
 COSMETIC = {"train": ("progress", "log_every", "tensorboard", "out_dir", "dist_timeout_s")}
 
@@ -51,6 +56,7 @@ class Result:
     seconds: float
     cpu_seconds: float = 0.0
     reused: bool = False
+    cache_seconds: float = 0.0  # writing the seed's teacher cache, before this (its first cached) row
 
 
 def experiment_config(folder: Path, exp: Experiment, run_dir: Path, overrides: Sequence[str],
@@ -93,14 +99,54 @@ def finished_run(cfg: Config) -> list[dict[str, Any]] | None:
     return history
 
 
+def cacheable(cfg: Config) -> bool:
+    """A row with an eval-mode teacher whose losses read nothing a teacher cache lacks (whole stage maps)."""
+    return (cfg.teacher is not None and cfg.teacher.bn_mode == "eval"
+            and not any("tea_feats" in loss_class(s.loss_name).inputs for s in cfg.loss_list))
+
+
+def write_teacher_cache(configs: Sequence[Config]) -> float:
+    """Write (or go on with) the cache at `configs[0].teacher.cache` that every one of `configs` reads: their
+    teacher over the most epochs any trains, fp32, with logits and embedding when one reads them; a cache of
+    another teacher there (retrained since) is rebuilt. Returns the seconds it took."""
+    from fastcd.cache.write import contents_for, write_cache
+
+    path = Path(configs[0].teacher.cache)
+    live = dataclasses.replace(configs[0], teacher=dataclasses.replace(configs[0].teacher, cache=""))
+    reads = {name for cfg in configs for s in cfg.loss_list for name in loss_class(s.loss_name).inputs}
+    contents = contents_for(live, "full" if "tea_logits" in reads else "none", "tea_embed" in reads, "fp32")
+    epochs = max(cfg.train.epochs for cfg in configs)
+    print(f"== teacher cache: {epochs} epochs of the teacher's targets into {path}", flush=True)
+    start = time.perf_counter()
+    try:
+        write_cache(live, path, epochs, contents)
+    except FastcdError as e:
+        if "holds a cache for another config" not in str(e):
+            raise
+        write_cache(live, path, epochs, contents, force=True)
+    return time.perf_counter() - start
+
+
 def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, overrides: Sequence[str],
-                    seeds: Sequence[int | None] = (None,), force: bool = False,
-                    fresh_teacher: bool = False) -> list[Result]:
+                    seeds: Sequence[int | None] = (None,), force: bool = False, fresh_teacher: bool = False,
+                    teacher_cache: bool = False) -> list[Result]:
     """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. A teacher
     folder holding a finished run of the same config is reused (unless `fresh_teacher`); any other run folder
-    that holds a previous run is an error, found before anything trains, unless `force`."""
-    plan = [(seed, exp, experiment_config(folder, exp, out if seed is None else out / f"seed{seed}", overrides,
-                                          seed)) for seed in seeds for exp in experiments]
+    that holds a previous run is an error, found before anything trains, unless `force`. With `teacher_cache`,
+    each seed's cacheable rows read its teacher's targets from `<seed folder>/teacher-cache`, written before
+    the first of them trains."""
+    plan = []
+    for seed in seeds:
+        run_dir = out if seed is None else out / f"seed{seed}"
+        for exp in experiments:
+            cfg = experiment_config(folder, exp, run_dir, overrides, seed)
+            if teacher_cache and cacheable(cfg):
+                cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=str(run_dir / CACHE)))
+            plan.append((seed, exp, cfg))
+    cached = {}  # cache folder -> the configs that read it
+    for _, _, cfg in plan:
+        if cfg.teacher is not None and cfg.teacher.cache:
+            cached.setdefault(cfg.teacher.cache, []).append(cfg)
     reusable = {id(cfg): history for _, exp, cfg in plan if exp.key == TEACHER and not fresh_teacher
                 and (history := finished_run(cfg)) is not None}
     for _, _, cfg in plan:
@@ -114,11 +160,16 @@ def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, 
                   f"same config; --fresh-teacher retrains it)", flush=True)
             results.append(Result(exp, seed, cfg, reusable[id(cfg)], 0.0, reused=True))
             continue
+        cache_seconds = 0.0
+        if cfg.teacher is not None and cfg.teacher.cache in cached:
+            cache_seconds = write_teacher_cache(cached.pop(cfg.teacher.cache))
         print(f"== {exp.label}: {cfg.train.epochs} epochs on {cfg.data.train_subset or 'all'} training "
-              f"images{where}", flush=True)
+              f"images{where}{', teacher targets from the cache' if cfg.teacher and cfg.teacher.cache else ''}",
+              flush=True)
         start, cpu = time.perf_counter(), cpu_seconds()
         history = train(cfg, force=force)
-        results.append(Result(exp, seed, cfg, history, time.perf_counter() - start, cpu_seconds() - cpu))
+        results.append(Result(exp, seed, cfg, history, time.perf_counter() - start, cpu_seconds() - cpu,
+                              cache_seconds=cache_seconds))
     return results
 
 

@@ -44,9 +44,14 @@ def test_repro_writes_the_report_with_every_row_paired_differences_and_the_plot(
     assert "--train-subset 128" in text and "commit" in text and "CPU time" in text
     assert md.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for seed in (0, 1):
-        assert (tmp_path / "runs" / f"seed{seed}" / "t_resnet34" / "latest.pt").is_file()
-        lines = (tmp_path / "runs" / f"seed{seed}" / "s_resnet18.t_resnet34.cd.ce" / "metrics.jsonl").read_text()
-        assert lines.count('"kind": "epoch"') == 1
+        run = tmp_path / "runs" / f"seed{seed}"
+        assert (run / "t_resnet34" / "latest.pt").is_file() and (run / "teacher-cache" / "manifest.json").is_file()
+        assert (run / "s_resnet18.t_resnet34.cd.ce" / "metrics.jsonl").read_text().count('"kind": "epoch"') == 1
+        for key, cached in (("s_resnet18.t_resnet34.cd.kdv2.lrdv2", True), ("s_resnet18.t_resnet34.rkd", True),
+                            ("s_resnet18.t_resnet34.at", False), ("s_resnet18.t_resnet34.fitnets", False)):
+            config = (run / key / "config.yaml").read_text()
+            assert (f"cache: {run / 'teacher-cache'}" in config) == cached, key
+    assert "read by 7 rows instead of running the teacher" in text
     assert "report:" in capsys.readouterr().out
 
 
@@ -100,6 +105,22 @@ def test_a_finished_teacher_of_the_same_config_is_reused_and_any_change_retrains
         run_experiments(CONFIGS, rows, tmp_path, [*common, "optim.lr=0.05"])
     fresh = run_experiments(CONFIGS, rows, tmp_path, common, force=True, fresh_teacher=True)
     assert not fresh[0].reused and latest.stat().st_mtime_ns != stamp
+
+
+def test_rows_reading_the_teacher_cache_train_as_with_the_live_teacher(tmp_path, capsys) -> None:
+    from fastcd.experiments import run_experiments
+
+    common = ["train.epochs=2", "data.train_subset=128", "data.val_subset=64", "train.progress=false", *TINY]
+    rows = [ROWS[0], *(e for e in ROWS if e.key.endswith(("cd.kdv2.lrdv2", ".rkd")))]
+    live = run_experiments(CONFIGS, rows, tmp_path, common, seeds=[3])
+    cached = run_experiments(CONFIGS, rows, tmp_path, common, seeds=[3], force=True, teacher_cache=True)
+    assert "teacher targets from the cache" in capsys.readouterr().out
+    assert cached[0].reused and cached[1].cache_seconds > 0 and cached[2].cache_seconds == 0
+    for a, b in zip(live[1:], cached[1:], strict=True):
+        assert b.config.teacher.cache == str(tmp_path / "seed3" / "teacher-cache") and not a.config.teacher.cache
+        for ha, hb in zip(a.history, b.history, strict=True):
+            assert ha["val_top1_err"] == hb["val_top1_err"]
+            assert ha["loss"] == pytest.approx(hb["loss"], rel=1e-4)
 
 
 def test_a_teacher_stopped_early_is_not_reused(tmp_path) -> None:

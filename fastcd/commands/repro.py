@@ -4,6 +4,9 @@ For each seed: the teacher (ResNet-34, width 1/4, CIFAR stem), then the ResNet-1
 (ResNet18-B) and with AT, KD, CD, CD decayed (lrdv1), CD+EDT, CD+KD+EDT, CD+GKD+EDT, and FitNets and RKD,
 every student with the same data, epochs and schedule (the loss-decay milestones scale with the epochs), each
 seed's students distilling from that seed's teacher (reused when a finished run of the same config is there).
+The teacher's targets on each seed's crops are written once to a teacher cache, which every row but AT and
+FitNets (they read whole stage maps) reads instead of running the teacher: the same numbers, in less time
+(`--live-teacher` runs the teacher in every row).
 Writes a report — settings, the seed's table with mean ± stdev over seeds, the per-seed paired differences
 against the student alone and against CD with their 95% intervals, the seed's ordering against ours, and a
 PNG of validation error over epochs — to `<report-dir>/repro-fashion-mnist-<date>.md/.png`.
@@ -48,8 +51,8 @@ CLAIMS = [("ResNet18.at", BASELINE, "AT"), (STEM + "kd.ce", BASELINE, "KD"), (CD
           (STEM + "cd.kd.lrdv2", STEM + "cd.ce.lrdv2", "adding KD"),
           (STEM + "cd.kdv2.lrdv2", STEM + "cd.kd.lrdv2", "GKD instead of KD"),
           (STEM + "cd.kdv2.lrdv2", CD, "CD+GKD+EDT over CD")]
-# Default size, from one-epoch CPU-time trials on the shared 2-core machine (see docs/benchmarks.md).
-BUDGET_MINUTES, EPOCHS, TEACHER_EPOCHS, SEEDS = 60.0, 8, 20, 3
+# Default size: ~55 min for 3 seeds on the 2-core CPU, from trials on the shared machine (docs/benchmarks.md).
+BUDGET_MINUTES, EPOCHS, TEACHER_EPOCHS, SEEDS = 60.0, 8, 16, 3
 TRAIN_SUBSET, VAL_SUBSET = 6000, 5000
 TARGET_LEAD = 3.0  # points of top-1 error the teacher should lead the student alone by at the default budget
 
@@ -73,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(finished teachers of the same config are still reused)")
     parser.add_argument("--fresh-teacher", action="store_true", help="retrain the teachers even when finished "
                         "runs of the same config are in --out (with --force)")
+    parser.add_argument("--live-teacher", action="store_true", help="run the teacher in every row instead of "
+                        "reading its targets from a per-seed teacher cache")
     parser.add_argument("--vs-original", action="store_true", help="time the original pipeline (ImageFolder + "
                         "PIL over JPEG files, fp32, NCHW, teacher BN in train mode, unfused SGD) against fastcd's "
                         "fastest path on the same data, students and seeds (fastcd.vs_original)")
@@ -192,6 +197,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts += [f"--epochs {args.epochs}"] if args.epochs else []
     parts += [f"--teacher-epochs {args.teacher_epochs}"] if args.teacher_epochs else []
     parts += ["--vs-original"] if args.vs_original else []
+    parts += ["--live-teacher"] if getattr(args, "live_teacher", False) else []
     parts += [f"--set {o}" for o in args.overrides]
     return " ".join(parts)
 
@@ -205,6 +211,19 @@ def machine_line(seconds: float, cpu: float) -> str:
             f"{cpu / 60:.1f} min ({cpu / seconds:.2f} cores busy on average); load average at the end {load} "
             "(1/5/15 min: above the core count means other jobs shared the machine, and the wall-clock is "
             "pessimistic).")
+
+
+def cache_line(results: list[Result]) -> str:
+    """Which rows read the teacher's targets from the per-seed cache, and what writing it cost."""
+    cached = sorted({r.experiment.label for r in results if r.config.teacher and r.config.teacher.cache})
+    if not cached:
+        return "- teacher: run live in every distilled row (no teacher cache)"
+    writes = [r.cache_seconds for r in results if r.cache_seconds]
+    cost = f"{statistics.mean(writes) / 60:.1f} min per seed" if writes else "kept from an earlier run"
+    return (f"- teacher cache: the teacher's stage means, logits and embedding on each seed's crops, written once "
+            f"in fp32 (the live teacher's numbers; {cost}) and read by {len(cached)} rows instead of running the "
+            f"teacher ({', '.join(cached)}); AT and FitNets read whole stage maps and run it live, so their "
+            "wall-clock includes the teacher's forward and the cached rows' does not")
 
 
 def report(results: list[Result], args: argparse.Namespace, common: list[str], seconds: float, cpu: float,
@@ -225,7 +244,8 @@ def report(results: list[Result], args: argparse.Namespace, common: list[str], s
                 f"- every student: {student.train.epochs} epochs, SGD lr {student.optim.lr} ({student.optim.schedule}"
                 f" schedule), momentum {student.optim.momentum}, weight decay {student.optim.weight_decay}, "
                 f"train.amp {student.train.amp} (auto: fp32 on a CPU); loss-decay milestones scaled to the epochs",
-                f"- seeds: {args.seeds} (train.seed = 0..{args.seeds - 1}); errors are the final epoch's, 1 crop"]
+                f"- seeds: {args.seeds} (train.seed = 0..{args.seeds - 1}); errors are the final epoch's, 1 crop",
+                cache_line(results)]
     for key, cfg in first.items():
         losses = ", ".join(f"{s.loss_name}(rate {s.loss_rate:g}, factor {s.factor:g}, {s.loss_rate_decay})"
                            for s in cfg.loss_list)
@@ -262,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     start, cpu = time.perf_counter(), cpu_seconds()
     out = Path(args.out or "runs/repro-fashion-mnist")
     results = run_experiments(CONFIGS, experiments, out, common, list(range(args.seeds)), args.force,
-                              args.fresh_teacher)
+                              args.fresh_teacher, teacher_cache=not args.live_teacher)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     stem = Path(args.report_dir) / f"repro-fashion-mnist-{dt.date.today().isoformat()}"
     png = stem.with_suffix(".png")
