@@ -136,7 +136,8 @@ def bench_cd(batch: int, size: int, dtype: torch.dtype, layout: str, impls: dict
     tea = [torch.randn(s, device=device, dtype=dtype).to(memory_format=fmt) for s in shapes]
     means = teacher_means(tea)  # CD reads the teacher's channel means (from its maps, or a teacher cache)
     nbytes = sum(s.numel() for s in stu) * stu[0].element_size()  # read s (the means are tiny; grad_s an expand)
-    reference = float(cd_reference(stu, tea))
+    with torch.no_grad():
+        reference = float(cd_reference(stu, tea))
     return {name: measure(lambda f=f: f(stu, means), stu, nbytes, device, copy_gbs, reference)
             for name, f in impls.items()}
 
@@ -148,7 +149,8 @@ def bench_gkd(batch: int, classes: int, dtype: torch.dtype, impls: dict, device:
     labels = torch.where(torch.rand(batch, device=device) < 0.7, tea.argmax(dim=1),
                          torch.randint(0, classes, (batch,), device=device))
     nbytes = 3 * stu.numel() * stu.element_size()
-    reference = float(gkd_reference(stu, tea, labels, 4.0))
+    with torch.no_grad():
+        reference = float(gkd_reference(stu, tea, labels, 4.0))
     return {name: measure(lambda f=f: f(stu, tea, labels, 4.0), [stu], nbytes, device, copy_gbs, reference)
             for name, f in impls.items()}
 

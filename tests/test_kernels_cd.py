@@ -157,7 +157,7 @@ def test_the_kernel_benchmark_times_only_a_loss_that_matches_the_reference():
     from fastcd.bench.kernels import measure
 
     x = torch.randn(64, requires_grad=True)
-    right = float((x.double() ** 2).sum())
+    right = float((x.detach().double() ** 2).sum())
     ok = measure(lambda: (x**2).sum(), [x], 256, torch.device("cpu"), 0.0, reference=right)
     assert ok["status"] == "ok" and ok["rel_err"] < 1e-5 and ok["ms"] > 0
     wrong = measure(lambda: (x**2).sum(), [x], 256, torch.device("cpu"), 0.0, reference=right * 1.01)
