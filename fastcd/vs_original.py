@@ -4,15 +4,15 @@
 1. writes Fashion-MNIST as a JPEG ImageNet-layout tree (`fastcd.data.fashion_mnist_jpeg`) and prepares it
    once with `fastcd prepare` (timed, and not counted per run: it is done once per dataset);
 2. trains one teacher (fastcd, on the idx files; reused when a finished run of the same config is there);
-3. measures, in this process, what each knob buys per training step (the per-knob breakdown, from
+3. measures, in a spawned process, what each knob buys per training step (the per-knob breakdown, from
    `fastcd bench train`'s machinery): the original, then the teacher's BatchNorm in eval mode, folded,
    channels_last, bf16 autocast, the fused optimizer, then each prepared-data loader backend;
 4. trains CD+GKD+EDT once per seed with each pipeline, interleaved (original, fastcd, next seed), so load
    that drifts during the run falls on both:
    - the original, as the seed's code ran it: ImageFolder + PIL over the JPEG files, fp32, NCHW, eager
      losses, the teacher's BatchNorm in train mode (batch statistics), unfused SGD;
-   - fastcd: the prepared shards through the fastest loader backend of the breakdown, and each knob the
-     breakdown found faster (without a breakdown, `FAST_DEFAULT`, measured on the 2-core CPU);
+   - fastcd: the prepared shards through the fastest loader backend of the breakdown, and each knob unless
+     the breakdown found it more than NOISE slower (without a breakdown, `FAST_DEFAULT`);
 5. writes `<report-dir>/vs-original-fashion-mnist-<date>.md` (and the JSON record): top-1/top-5 error
    (mean ± stdev), wall-clock and CPU time per run for both, their ratio, the paired accuracy difference,
    and the breakdown.
@@ -186,6 +186,8 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
     teacher_epochs = setup["teacher_epochs"]
     teacher_how = ("reused from an earlier run" if setup["teacher"] == 0 else
                    f"trained once by fastcd in {setup['teacher'] / 60:.1f} min")
+    packed = (f"`fastcd prepare` packed it in {setup['prepare']:.0f} s" if setup["prepare"] else
+              "packed by `fastcd prepare` in an earlier run")
     ratio, goal = verdicts(original, fast)
     cpu_of = {k: [r.cpu_seconds for r in results if r.experiment.folder == k] for k in rows}
     cfg = {r.experiment.folder: r.config for r in results}
@@ -201,9 +203,7 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
              f"- command: `{command_line(args)}`; overrides common to every run: `{' '.join(common)}`",
              f"- data: the first {s.data.train_subset} Fashion-MNIST training images and {s.data.val_subset} test "
              f"images as baseline RGB JPEGs (quality 95) in an ImageNet-layout tree, written in "
-             f"{setup['tree']:.0f} s; " + (f"`fastcd prepare` packed it in {setup['prepare']:.0f} s" if setup["prepare"]
-                                           else "packed by `fastcd prepare` in an earlier run")
-             + ", once per dataset, not counted per run",
+             f"{setup['tree']:.0f} s; {packed}, once per dataset, not counted per run",
              f"- the task: `configs/fashion-mnist/{DISTILLED}.yaml` (CD+GKD+EDT), {s.student.arch} width "
              f"{s.student.width} student, {s.train.epochs} epochs, batch {s.data.batch_size}, {s.data.res} px; "
              f"the teacher ({s.teacher.arch} width {s.teacher.width}, {teacher_epochs} epochs on the idx files) "
@@ -215,8 +215,8 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
              "`impl=auto` runs the eager losses too)", "",
              "## Results (validation, mean ± stdev over seeds)", "", *head, "", *goal, "",
              "## fastcd's path, and what each knob bought", "",
-             "Per training step (images/s, in this process, a random teacher, each row keeping the knobs above "
-             "it; the loader rows replace ImageFolder with each prepared-data backend):", "",
+             "Per training step (images/s, in a separate process before the runs, a random teacher, each row keeping "
+             "the knobs above it; the loader rows replace ImageFolder with each prepared-data backend):", "",
              *choice.reasons, ""]
     if knob_rows:
         from fastcd.bench.train import table
