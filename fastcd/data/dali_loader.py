@@ -51,7 +51,9 @@ class _FedPipeline(Pipeline):
 
 def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bool, batch_size: int) -> _FedPipeline:
     gpu = ctx.device.type == "cuda"
-    pipe = _FedPipeline(samples, train, batch_size=batch_size, num_threads=max(1, cfg.workers),
+    # One pool thread more than `workers`: DALI's own readers prefetch in a thread beside the pool, while this
+    # pipeline is fed from the consumer's thread; the extra thread keeps the cores busy meanwhile (docs/loaders.md).
+    pipe = _FedPipeline(samples, train, batch_size=batch_size, num_threads=cfg.workers + 1,
                         device_id=(ctx.device.index or 0) if gpu else None, seed=ctx.seed * 1_009 + ctx.rank,
                         prefetch_queue_depth=cfg.dali_prefetch, exec_dynamic=True)
     decode = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
