@@ -3,6 +3,7 @@ per batch, in a prefetch thread; on a CPU the same code runs with CPU tensors. I
 crops as the worker path, keep the epoch order, stop cleanly and pass errors on."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -88,9 +89,10 @@ def test_a_decode_error_reaches_the_training_loop(prepared: Path, monkeypatch: p
 
 
 def test_two_backends_execute_the_same_crops(tmp_path: Path) -> None:
-    """The in-memory backend (grid_sample over tensors) and the torch backend (decode + resized_crop in its
-    workers), given the same images, seed and epoch, produce the same training crops: the same samples in the
-    same order, equal up to the resize filters (what a teacher cache relies on)."""
+    """The in-memory backend (grid_sample over tensors), the torch backend (decode + resized_crop in its
+    workers) and DALI (crop windows fed to its ROI decoder), given the same images, seed and epoch, produce the
+    same training crops: the same samples in the same order, equal up to the decoders' and resize filters'
+    differences (what a teacher cache relies on)."""
     from torchvision.io import decode_jpeg
 
     from fastcd.data.in_memory import InMemoryLoader
@@ -108,12 +110,14 @@ def test_two_backends_execute_the_same_crops(tmp_path: Path) -> None:
     shards = ShardSamples(open_prepared(cfg.path, "train", ctx, "dali"))
     images = torch.stack([decode_jpeg(torch.from_numpy(shards.jpeg(i).copy())) for i in range(len(shards))])
     labels = torch.tensor([shards.label(i) for i in range(len(shards))])
-    backends = [build_loader(cfg, "train", ctx), InMemoryLoader(images, labels, cfg, "train", ctx)]
+    backends = [build_loader(cfg, "train", ctx), InMemoryLoader(images, labels, cfg, "train", ctx),
+                build_loader(dataclasses.replace(cfg, backend="dali"), "train", ctx)]
     for loader in backends:
         loader.set_epoch(3)
-    a, b = (list(loader) for loader in backends)
-    assert [torch.equal(i, j) for i, j in zip(backends[0].batch_indices(), backends[1].batch_indices())] == [True] * 3
-    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
-        assert torch.equal(ya, yb)
-        levels = (xa - xb).abs() * 255 * min(DataConfig().std)
-        assert levels.mean() < 1.5, levels.mean()
+    torch_batches, *others = (list(loader) for loader in backends)
+    for loader, batches in zip(backends[1:], others, strict=True):
+        assert all(torch.equal(i, j) for i, j in zip(backends[0].batch_indices(), loader.batch_indices()))
+        for (xa, ya), (xb, yb) in zip(torch_batches, batches, strict=True):
+            assert torch.equal(ya, yb)
+            levels = (xa - xb).abs() * 255 * min(DataConfig().std)
+            assert levels.mean() < 1.5, (type(loader).__name__, levels.mean())

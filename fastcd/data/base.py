@@ -49,7 +49,7 @@ class BatchLoader(ABC):
     def fingerprint(self) -> str:
         """A digest of the data this loader reads (a teacher cache must come from the same data)."""
         raise FastcdError(f"the {type(self).__name__} backend cannot be used with a teacher cache: its crops "
-                          "are not fastcd's per-sample plan; use data.backend torch, fashion-mnist or synthetic")
+                          "are not fastcd's per-sample plan; use data.backend torch, dali, fashion-mnist or synthetic")
 
     @abstractmethod
     def __len__(self) -> int:

@@ -8,13 +8,16 @@ bf16 it writes fp32 and one `.to(bfloat16)` rounds that (the cheapest correct wa
 docs/loaders.md). On a CPU-only machine the same graph runs with CPU operators (`device_id=None`).
 
 The samples are fed by index (the shards' index files give each JPEG's offset) in the order of
-`sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split.
+`sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split; for
+training each sample's crop window and flip are fed too, drawn by `crops.CropPlan` (from its size, read
+once from its JPEG header), so DALI executes the crops every backend executes (a teacher cache replays).
 DALI's own webdataset reader shuffles only within a buffer (~1000 samples), and the prepared shards
 are sorted by class, so its batches would hold one or two classes. The JPEG bytes are fed as views of
 the memory-mapped shards (`no_copy`), so the main thread does not copy them.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,7 +27,7 @@ from torch import Tensor
 
 from fastcd.config import DataConfig
 from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
-from fastcd.data.crops import RATIO
+from fastcd.data.crops import CropPlan
 from fastcd.data.prepared import ShardSamples, open_prepared
 
 # What crop_mirror_normalize writes for each run dtype (no bfloat16 in DALI: fp32, rounded once by torch).
@@ -33,20 +36,27 @@ DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.b
 
 class _FedPipeline(Pipeline):
     """A DALI pipeline whose `iter_setup` feeds the next batch by index: JPEG bytes (views of the
-    mapped shards), labels and, for training, the epoch's resolution."""
+    mapped shards), labels and, for training, the epoch's resolution and each sample's crop window and
+    flip (`plan`)."""
 
     def __init__(self, samples: ShardSamples, train: bool, **kwargs) -> None:
         super().__init__(**kwargs)
         self.samples, self.train = samples, train
         self.batches: Iterator[Tensor] = iter(())
-        self.res = 0
+        self.plan: CropPlan | None = None
 
     def iter_setup(self) -> None:
-        batch = next(self.batches).tolist()  # StopIteration ends DALI's epoch
-        self.feed_input("jpegs", [self.samples.jpeg(i) for i in batch])
-        self.feed_input("labels", np.array([self.samples.label(i) for i in batch], dtype=np.int64))
+        batch = next(self.batches)  # StopIteration ends DALI's epoch
+        index = batch.tolist()
+        self.feed_input("jpegs", [self.samples.jpeg(i) for i in index])
+        self.feed_input("labels", np.array([self.samples.label(i) for i in index], dtype=np.int64))
         if self.train:
-            self.feed_input("res", np.full(len(batch), self.res, dtype=np.float32))
+            height, width = torch.from_numpy(self.samples.sizes(index)).unbind(1)
+            boxes = self.plan.boxes(batch, height, width).numpy().astype(np.float32)
+            self.feed_input("anchor", list(boxes[:, 0:2]))  # x0, y0 ("WH" order)
+            self.feed_input("shape", list(boxes[:, 2:4]))  # w, h
+            self.feed_input("flip", boxes[:, 4].astype(np.int32))
+            self.feed_input("res", np.full(len(index), self.plan.res, dtype=np.float32))
 
 
 def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bool, batch_size: int) -> _FedPipeline:
@@ -66,12 +76,15 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
         # no_copy: the views stay valid while the shards are mapped, i.e. as long as `samples` lives.
         jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
         labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
-        if train:
+        if train:  # fastcd's crop windows (ROI decoding), resized, mirrored where the plan says
+            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
+            flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
             res = fn.external_source(name="res", dtype=types.FLOAT, ndim=0)
-            images = fn.decoders.image_random_crop(jpegs, random_area=[cfg.scale_min, 1.0], random_aspect_ratio=RATIO,
-                                                   num_attempts=10, **decode)
+            images = fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False,
+                                             axis_names="WH", **decode)
             images = fn.resize(images, resize_x=res, resize_y=res)
-            images = fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), **normalise)
+            images = fn.crop_mirror_normalize(images, mirror=flip, **normalise)
         else:
             images = fn.decoders.image(jpegs, **decode)
             images = fn.resize(images, resize_shorter=round(cfg.val_res / cfg.val_resize_ratio))
@@ -84,17 +97,26 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
 class DaliLoader(IndexedLoader):
     """Shards decoded and augmented by DALI, in `epoch_indices` order."""
 
+    replays_crops = True
+
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         prepared = open_prepared(cfg.path, split, ctx, "dali")
+        self.manifest = prepared.root / "manifest.json"
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
         self.pipe = _build(cfg, ctx, self.samples, self.train, self.batch_size)
         self.set_epoch(0)
 
+    def fingerprint(self) -> str:
+        """sha256 of the prepared folder's manifest (which holds every shard's sha256)."""
+        return hashlib.sha256(self.manifest.read_bytes()).hexdigest()
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = self.batch_indices()
-        self.pipe.batches, self.pipe.res = iter(batches), self.res
+        c = self.cfg
+        self.pipe.batches = iter(batches)
+        self.pipe.plan = CropPlan(self.train, self.res, c.scale_min, c.val_resize_ratio, self.ctx.seed, self.epoch)
         stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
         try:
             for _ in batches:

@@ -7,11 +7,14 @@ tar (sample count, tar long enough, first sample a JPEG with a numeric label).
 """
 from __future__ import annotations
 
+import io
 import mmap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fastcd.data.base import LoaderContext, Split
 from fastcd.data_prep.manifest import load_manifest
@@ -88,6 +91,7 @@ class ShardSamples:
         self.jpg = np.asarray(jpg, dtype=np.int64).reshape(-1, 2)
         self.cls = np.asarray(cls, dtype=np.int64).reshape(-1, 2)
         self._maps: dict[int, mmap.mmap] = {}
+        self._sizes = np.full((len(self.shard_of), 2), -1, dtype=np.int64)  # (H, W), read when first asked
         self._check(prepared)
 
     def __len__(self) -> int:
@@ -106,6 +110,15 @@ class ShardSamples:
         """The JPEG bytes of sample i (a read-only view of the mapped tar)."""
         offset, size = self.jpg[i]
         return np.frombuffer(self._map(int(self.shard_of[i])), dtype=np.uint8, count=size, offset=offset)
+
+    def sizes(self, indices: Sequence[int]) -> np.ndarray:
+        """(len(indices), 2) image (height, width) of the samples, from their JPEG headers (no decode; each
+        read once per process)."""
+        for i in indices:
+            if self._sizes[i, 0] < 0:
+                width, height = Image.open(io.BytesIO(self.jpeg(i))).size
+                self._sizes[i] = (height, width)
+        return self._sizes[list(indices)]
 
     def label(self, i: int) -> int:
         """The label of sample i."""
