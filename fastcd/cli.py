@@ -42,6 +42,12 @@ def _run_module(module_name: str, prog: str, argv: list[str]) -> int:
     return int(module.run(parser.parse_args(argv)) or 0)
 
 
+def _error_line(text: str) -> None:
+    """One line on stderr in one write, so the ranks of a distributed run never interleave theirs."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastcd` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -54,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in table:
-        print(f"{prog}: error: unknown command {name!r}; choose from {', '.join(table)}", file=sys.stderr)
+        _error_line(f"{prog}: error: unknown command {name!r}; choose from {', '.join(table)}")
         return 2
     try:
         return _run_module(table[name][0], f"{prog} {name}", rest)
     except FastcdError as e:
-        print(f"{prog} {name}: error: {e}", file=sys.stderr)
+        _error_line(f"{prog} {name}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"{prog} {name}: interrupted", file=sys.stderr)
+        _error_line(f"{prog} {name}: interrupted")
         return 130
 
 
