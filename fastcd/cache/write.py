@@ -23,9 +23,13 @@ from fastcd.models.teacher import build_teacher, stage_channels, weights_sha256
 FLUSH_EVERY = 20  # batches between flushes of the arrays and progress.json
 
 
+PREPARED = ("torch", "dali")  # backends that read a `fastcd prepare` folder (the cache goes beside its data)
+
+
 def default_out(cfg: Config) -> Path:
-    """`<data.path>/teacher-cache/<name>`, or `runs/teacher-cache/<name>` for data without a path."""
-    return (Path(cfg.data.path) if cfg.data.path else Path("runs")) / "teacher-cache" / cfg.name
+    """`<data.path>/teacher-cache/<name>` beside prepared data, else `runs/teacher-cache/<name>`."""
+    prepared = cfg.data.backend in PREPARED and cfg.data.path
+    return (Path(cfg.data.path) if prepared else Path("runs")) / "teacher-cache" / cfg.name
 
 
 def contents_for(cfg: Config, logits: str | None = None, embed: bool | None = None, dtype: str = "fp16") -> Contents:
