@@ -11,10 +11,15 @@ import torch
 import yaml
 
 import fastcd.cache.write as cache_write
+from fastcd.cache.store import CacheReader
 from fastcd.cli import main
 from fastcd.config import config_from_dict
+from fastcd.data import build_loader
+from fastcd.engine.runtime import Runtime, loader_context
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
+from fastcd.models import teacher_targets
+from fastcd.models.teacher import build_teacher
 from tests.conftest import tiny_dict
 
 CE_CD = [{"loss_name": "CELoss"}, {"loss_name": "CDLoss", "loss_rate": 6}]
@@ -112,6 +117,27 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path: Path, teacher:
         config_from_dict(base, [f"teacher.cache={cache}", "teacher.bn_mode=train"])
     with pytest.raises(FastcdError, match="no manifest.json"):
         train(config_from_dict(base, [f"teacher.cache={tmp_path / 'nowhere'}", f"train.out_dir={tmp_path / 'y'}"]))
+
+
+def test_each_rank_reads_the_targets_of_its_own_crops(tmp_path: Path, teacher: str) -> None:
+    """Under torchrun each rank's loader yields a disjoint share of an epoch's samples; what that rank reads from
+    a cache written in one process are the teacher's targets on exactly the crops the rank decodes."""
+    src = distill(tmp_path, teacher, "src", CE_CD)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--dtype", "fp32", "--out", str(cache)]) == 0
+    cfg = config_from_dict(yaml.safe_load(src.read_text()))
+    reader, cpu = CacheReader(cache), torch.device("cpu")
+    live = build_teacher(cfg.teacher, cpu, channels_last=False)
+    shares = []
+    for rank in (0, 1):
+        loader = build_loader(cfg.data, "train", loader_context(cfg, Runtime(cpu, rank, rank, world_size=2)))
+        loader.set_epoch(1)
+        indices = loader.batch_indices()
+        shares.append(set(torch.cat(indices).tolist()))
+        for (images, _), stored in zip(loader, reader.batches(1, indices, cpu), strict=True):
+            for got, want in zip(stored.means, teacher_targets(live, images, means=True).means, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert shares[0] and len(shares[0]) == len(shares[1]) and not shares[0] & shares[1]
 
 
 def test_an_interrupted_cache_write_resumes_to_the_same_files(tmp_path: Path, teacher: str,
