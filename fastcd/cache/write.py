@@ -99,7 +99,7 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
                 bar.update()
                 continue
             with torch.no_grad(), rt.autocast():
-                targets = teacher_targets(teacher, images, means=True)
+                targets = teacher_targets(teacher, images, means=True, feats=False)
             writer.write(indices[b], contents.rows(targets))
             crops += len(indices[b])
             if (b + 1) % FLUSH_EVERY == 0:

@@ -17,7 +17,6 @@ the memory-mapped shards (`no_copy`), so the main thread does not copy them.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -101,7 +100,7 @@ class DaliLoader(IndexedLoader):
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         prepared = open_prepared(cfg.path, split, ctx, "dali")
-        self.manifest = prepared.root / "manifest.json"
+        self.prepared = prepared
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
@@ -109,8 +108,7 @@ class DaliLoader(IndexedLoader):
         self.set_epoch(0)
 
     def fingerprint(self) -> str:
-        """sha256 of the prepared folder's manifest (which holds every shard's sha256)."""
-        return hashlib.sha256(self.manifest.read_bytes()).hexdigest()
+        return self.prepared.fingerprint()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = self.batch_indices()

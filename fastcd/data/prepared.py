@@ -7,6 +7,7 @@ tar (sample count, tar long enough, first sample a JPEG with a numeric label).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import mmap
 from collections.abc import Sequence
@@ -46,6 +47,10 @@ class PreparedSplit:
     def shards(self) -> list[tuple[Path, Path]]:
         """(tar, index) paths of the split's webdataset shards, in sample order."""
         return [(self.root / s["tar"], self.root / s["index"]) for s in self.entry["shards"]]
+
+    def fingerprint(self) -> str:
+        """sha256 of the prepared folder's manifest, which holds every shard's and the .beton's sha256."""
+        return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()
 
 
 def open_prepared(path: str, split: Split, ctx: LoaderContext, need: str) -> PreparedSplit:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -98,7 +97,7 @@ class ShardsTorchLoader(IndexedLoader):
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         prepared = open_prepared(cfg.path, split, ctx, "dali")
-        self.manifest = prepared.root / "manifest.json"
+        self.prepared = prepared
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
@@ -113,8 +112,7 @@ class ShardsTorchLoader(IndexedLoader):
         self.set_epoch(0)
 
     def fingerprint(self) -> str:
-        """sha256 of the prepared folder's manifest (which holds every shard's sha256)."""
-        return hashlib.sha256(self.manifest.read_bytes()).hexdigest()
+        return self.prepared.fingerprint()
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

@@ -27,6 +27,7 @@ class DistillStep:
         self.model, self.teacher, self.losses = model, teacher, list(losses)
         self.optimizer, self.scheduler, self.scaler, self.rt = optimizer, scheduler, scaler, runtime
         self.reads_means = any("tea_means" in loss.inputs for loss in self.losses)
+        self.reads_maps = any("tea_feats" in loss.inputs for loss in self.losses)  # AT, FitNets
         self.weights = torch.ones(len(self.losses), device=runtime.device)
 
     def set_weights(self, weights: Sequence[float]) -> None:
@@ -39,7 +40,7 @@ class DistillStep:
         if cached is not None or self.teacher is None:
             return cached
         with self.rt.autocast():
-            return teacher_targets(self.teacher, images, self.reads_means)
+            return teacher_targets(self.teacher, images, self.reads_means, self.reads_maps)
 
     def student_outputs(self, images: Tensor, labels: Tensor, tea: TeacherTargets | None) -> DistillOutputs:
         """Phase "student_fwd": the student and its connectors, with everything a loss may read."""

@@ -73,9 +73,10 @@ def freeze(teacher: FeatureResNet, bn_mode: str) -> FeatureResNet:
     return teacher
 
 
-def teacher_targets(teacher: FeatureResNet, images: Tensor, means: bool) -> TeacherTargets:
-    """The teacher's outputs, without building a graph; with `means`, its stage maps' channel means too."""
+def teacher_targets(teacher: FeatureResNet, images: Tensor, means: bool, feats: bool) -> TeacherTargets:
+    """The teacher's logits and embedding, without building a graph; with `means`, its stage maps' channel
+    means; with `feats`, the maps themselves (otherwise none outlives this call)."""
     with torch.no_grad():
         out = teacher(images)
-        return TeacherTargets(out.feats, [channel_means(f) for f in out.feats] if means else None, out.logits,
-                              out.embed)
+        return TeacherTargets(out.feats if feats else None,
+                              [channel_means(f) for f in out.feats] if means else None, out.logits, out.embed)
