@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import multiprocessing
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -90,6 +92,16 @@ def _collate_bytes(items: list[tuple[np.ndarray, int, Tensor]]) -> tuple[Tensor,
             torch.stack(meta))
 
 
+@functools.cache
+def _worker_start() -> multiprocessing.context.BaseContext:
+    """How the workers start: from a fork server that imported this module, never as a fork of this process,
+    which may already run other threads (DALI's, CUDA's, a prefetch thread); a fork copies the locks they
+    hold, and a worker could wait on one forever."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class ShardsTorchLoader(IndexedLoader):
     """Shards -> torchvision decode (in CPU workers, or batched on the device) -> device batches."""
 
@@ -108,7 +120,8 @@ class ShardsTorchLoader(IndexedLoader):
                                  sampler=self.sampler, num_workers=cfg.workers,
                                  drop_last=self.train and not ctx.keep_last,
                                  persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",
-                                 collate_fn=_collate_bytes if self.device_decode else None)
+                                 collate_fn=_collate_bytes if self.device_decode else None,
+                                 multiprocessing_context=_worker_start() if cfg.workers > 0 else None)
         self.set_epoch(0)
 
     def fingerprint(self) -> str:
