@@ -1,7 +1,8 @@
 """Convert a dataset once into FFCV (.beton) and DALI (webdataset tar + index) formats.
 
 SRC is an ImageNet-layout folder (SRC/train/<class>/*, SRC/val/<class>/*), a flat validation
-folder with --labels FILE, or the word `fashion-mnist`. `--verify OUT` rechecks a prepared OUT.
+folder with --labels FILE, or the word `fashion-mnist`. `--verify OUT` rechecks a prepared OUT;
+`--upgrade OUT` adds what a folder prepared by an earlier fastcd lacks.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", nargs="?", metavar="SRC", help="ImageNet-layout folder, flat folder, or 'fashion-mnist'")
     parser.add_argument("out", nargs="?", metavar="OUT", help="output folder")
     parser.add_argument("--verify", metavar="OUT", help="check a prepared OUT against its manifest and exit")
+    parser.add_argument("--upgrade", metavar="OUT", help="add what a folder prepared by an earlier fastcd lacks "
+                        "(the per-split sample table of sizes and labels) and exit")
     parser.add_argument("--formats", type=_names, default=list(FORMATS), help="ffcv,dali (default: both)")
     parser.add_argument("--splits", type=_names, default=None, help="e.g. train,val (default: all SRC has)")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help=f"longest image side (default {MAX_SIDE})")
@@ -53,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
 
         counts = verify(args.verify)
         print(f"{args.verify}: OK ({', '.join(f'{k} {v} samples' for k, v in counts.items())})")
+        return 0
+    if args.upgrade:
+        if args.src or args.out:
+            raise FastcdError("--upgrade OUT takes no SRC/OUT arguments: use `fastcd prepare --upgrade OUT`")
+        from fastcd.data_prep.sample_table import upgrade
+
+        done = upgrade(args.upgrade, progress=not args.quiet)
+        print(f"{args.upgrade}: " + (f"added the sample table of {', '.join(done)}" if done else "already current"))
         return 0
     if not (args.src and args.out):
         raise FastcdError("give SRC and OUT (`fastcd prepare SRC OUT`), or `fastcd prepare --verify OUT`")

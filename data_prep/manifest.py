@@ -3,9 +3,11 @@
 Layout (format version 2), paths relative to OUT:
 `<split>.beton` (FFCV: `image` RGBImageField, `label` IntField) and `<split>/shard-NNNNNN.tar`
 webdataset shards (`<key>.jpg`, `<key>.cls`, key = 9-digit global index) each with a DALI index
-`<split>/shard-NNNNNN.idx`. Sample i is the same in every format. Each `.beton` and tar has its
-sha256 and size in bytes in the manifest (version 2 added them for the `.beton`): opening checks the
-sizes (a stat per file), `fastcd prepare --verify` the hashes.
+`<split>/shard-NNNNNN.idx`, and beside them the split's sample table `<split>/samples.npy` (each
+sample's shard, JPEG offset and length, label and image size: `sample_table.py`; a folder prepared
+before it existed lacks it until `fastcd prepare --upgrade`). Sample i is the same in every format.
+Each `.beton`, tar and table has its sha256 and size in bytes in the manifest (version 2 added them
+for the `.beton`): opening checks the sizes (a stat per file), `fastcd prepare --verify` the hashes.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def referenced_files(manifest: dict) -> dict[str, int | None]:
             files[split["beton"]] = split["beton_bytes"]
         for shard in split["shards"]:
             files |= {shard["tar"]: shard["bytes"], shard["index"]: None}
+        if "samples" in split:
+            files[split["samples"]["file"]] = split["samples"]["bytes"]
     return files
 
 

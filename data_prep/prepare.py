@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from fastcd.data_prep.beton import WRITE_MODES, write_beton
@@ -25,6 +26,7 @@ from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_pa
 from fastcd.data_prep.normalise import Normalised, normalise_item
 from fastcd.data_prep.outdir import claimed
 from fastcd.data_prep.pool import Lost, WorkerPool
+from fastcd.data_prep.sample_table import add_missing_tables, missing_tables, shard_rows, write_table
 from fastcd.data_prep.shards import ShardWriter, sample_key, sha256_file, shard_name
 from fastcd.data_prep.sources import Source, SplitSource, open_source
 from fastcd.data_prep.state import WORK_DIR, RunState, unfinished
@@ -83,6 +85,7 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
     tmp_tar, tmp_idx = folder / f".{stem}.tar.tmp", folder / f".{stem}.idx.tmp"
     writer = ShardWriter(tmp_tar, tmp_idx)
     skipped, repaired, counts, per_class = [], [], Counter(), Counter()
+    labels, sizes = [], []  # of the samples written, for the split's sample table
     try:
         for i in range(lo, hi):
             r = next(results)
@@ -95,13 +98,16 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
                 repaired.append({"path": split.names[i], "action": f"{r.note}; saved as RGB JPEG"})
             writer.add(sample_key(first_key + writer.num_samples), r.jpeg, split.labels[i])
             per_class[split.labels[i]] += 1
+            labels.append(split.labels[i])
+            sizes.append((r.height, r.width))
     except BaseException:
         writer.abort()
         tmp_tar.unlink(missing_ok=True)
         raise
     record = {"num_samples": writer.num_samples, "first_key": first_key, **writer.close(),
               "skipped": skipped, "repaired": repaired, "counts": dict(counts),
-              "classes": {str(label): n for label, n in sorted(per_class.items())}}
+              "classes": {str(label): n for label, n in sorted(per_class.items())}, "labels": labels,
+              "sizes": sizes}
     if writer.num_samples:
         os.replace(tmp_idx, idx)
         os.replace(tmp_tar, tar)
@@ -206,10 +212,15 @@ def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: Run
     if "ffcv" in formats:
         record = _beton(split.name, out, state, records, opts, pool.workers, progress)
         beton = {"beton": f"{split.name}.beton", "beton_sha256": record["sha256"], "beton_bytes": record["bytes"]}
+    written = [r for r in records if r["num_samples"]] if "dali" in formats else []
     shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
                "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"],
-               "bytes": r["bytes"]} for r in records if r["num_samples"]] if "dali" in formats else []
-    entry = {"num_samples": sum(r["num_samples"] for r in records), **beton, "shards": shards,
+               "bytes": r["bytes"]} for r in written]
+    table = {}
+    if written:  # records of an earlier fastcd lack labels and sizes: read from the shard then
+        rows = [shard_rows(s, r["tar"], r["index"], r.get("labels"), r.get("sizes")) for s, r in enumerate(written)]
+        table = {"samples": write_table(out, split.name, np.concatenate(rows))}
+    entry = {"num_samples": sum(r["num_samples"] for r in records), **beton, "shards": shards, **table,
              "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
              "empty_classes": [c for i, c in enumerate(classes) if i not in present],
              "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
@@ -244,6 +255,8 @@ def _prepare_locked(out: Path, source: Source, opts: dict, digest: str, workers:
                     progress: bool) -> dict:
     manifest = _existing(out, digest, progress)
     if manifest is not None:
+        if missing_tables(manifest):
+            return add_missing_tables(out, manifest, progress)
         if progress:
             print(f"{out} is already prepared with these arguments; nothing to do")
         return manifest

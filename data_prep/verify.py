@@ -2,7 +2,8 @@
 
 Checks per split: each file's size (when the manifest is opened), each shard's sha256, its DALI
 index against the tar's own headers (names, data offsets, sizes), keys consecutive from
-`first_key`, labels in range and the counts; the `.beton`'s sha256, then its sample count and
+`first_key`, labels in range and the counts; the sample table's sha256 and its rows against the
+shards (offsets, labels, JPEG header sizes); the `.beton`'s sha256, then its sample count and
 labels equal the shards'. Then a few samples are decoded in both formats: ffcv's `Loader` and
 DALI's `fn.readers.webdataset` in a CPU pipeline. Any mismatch, and any error a reader raises on a
 damaged file, raises FastcdError naming the file.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcd.data_prep.manifest import load_manifest
+from fastcd.data_prep.sample_table import read_table, shard_rows
 from fastcd.data_prep.shards import read_index, sample_key, sha256_file
 from fastcd.errors import FastcdError
 
@@ -144,6 +146,19 @@ def _check_dali(out: Path, split: str, shards: list[dict], labels: list[int]) ->
         raise _fail(out, f"{split} shards", "DALI's webdataset reader did not return the expected images and labels")
 
 
+def _check_table(out: Path, table: dict, shards: list[dict]) -> None:
+    """The sample table hashes as recorded and its rows are what the shards hold (offsets, labels, sizes)."""
+    if sha256_file(out / table["file"]) != table["sha256"]:
+        raise _fail(out, table["file"], "sha256 differs from the manifest")
+    rows = read_table(out / table["file"])
+    expected = np.concatenate([shard_rows(s, out / shard["tar"], out / shard["index"])
+                               for s, shard in enumerate(shards)])
+    if rows.shape != expected.shape or not np.array_equal(rows, expected):
+        bad = next((i for i in range(min(len(rows), len(expected))) if not np.array_equal(rows[i], expected[i])),
+                   min(len(rows), len(expected)))
+        raise _fail(out, table["file"], f"row {bad} does not match the shards")
+
+
 def verify(out: str | Path) -> dict:
     """Check every output of a prepared dataset; return per-split sample counts. Raises on mismatch."""
     out = Path(out)
@@ -161,6 +176,9 @@ def verify(out: str | Path) -> dict:
                 raise _fail(out, split, f"shards hold {len(labels)} samples, manifest says {entry['num_samples']}")
             with _reading(out, f"{split} shards"):
                 _check_dali(out, split, entry["shards"], labels)
+            if "samples" in entry:
+                with _reading(out, entry["samples"]["file"]):
+                    _check_table(out, entry["samples"], entry["shards"])
         if entry["beton"]:
             with _reading(out, entry["beton"]):
                 _check_beton(out, entry["beton"], entry["beton_sha256"], labels, entry["num_samples"])

@@ -1,0 +1,115 @@
+"""The per-split sample table: `OUT/<split>/samples.npy`, written by `fastcd prepare` beside the shards.
+
+One int64 row per sample, in sample order, with the columns of `COLUMNS`: the shard the sample lies in,
+its JPEG's byte offset and length in that tar, its label, and the JPEG's height and width. A loader
+reads everything it needs per batch from this table by vectorised indexing (no tar index to parse, no
+JPEG header or label to read per sample, in any process). The manifest records the table's sha256 and
+size; `fastcd prepare --verify` checks its rows against the tars.
+
+Folders prepared before the table existed get it from `fastcd prepare --upgrade OUT` (`upgrade`), which
+computes it once from the indexes, the labels and the JPEG headers.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from fastcd.data_prep.shards import read_index
+from fastcd.utils.atomic import atomic_path
+
+COLUMNS = ("shard", "offset", "length", "label", "height", "width")
+SHARD, OFFSET, LENGTH, LABEL, HEIGHT, WIDTH = range(len(COLUMNS))
+TABLE_NAME = "samples.npy"
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) of a JPEG, from its header (no decode)."""
+    width, height = Image.open(io.BytesIO(data)).size
+    return height, width
+
+
+def shard_rows(shard: int, tar: Path, index: Path, labels: Sequence[int] | None = None,
+               sizes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """The table rows of one shard from its DALI index; labels and (height, width) sizes when the writer
+    knows them, else read from the tar's `.cls` members and JPEG headers."""
+    entries = read_index(index)
+    rows = np.empty((len(entries), len(COLUMNS)), dtype=np.int64)
+    rows[:, SHARD] = shard
+    rows[:, OFFSET] = [e["jpg"].offset for e in entries]
+    rows[:, LENGTH] = [e["jpg"].size for e in entries]
+    if labels is not None and sizes is not None:
+        rows[:, LABEL] = labels
+        rows[:, HEIGHT:] = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        return rows
+    with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for r, e in enumerate(entries):
+            cls, jpg = e["cls"], e["jpg"]
+            rows[r, LABEL] = int(data[cls.offset:cls.offset + cls.size])
+            rows[r, HEIGHT:] = jpeg_size(data[jpg.offset:jpg.offset + jpg.size])
+    return rows
+
+
+def table_file(split: str) -> str:
+    """The table's path relative to OUT."""
+    return f"{split}/{TABLE_NAME}"
+
+
+def write_table(out: Path, split: str, table: np.ndarray) -> dict:
+    """Write the table atomically; return its manifest entry (file, sha256, bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(table, dtype=np.int64), allow_pickle=False)
+    data = buffer.getvalue()
+    with atomic_path(out / table_file(split)) as tmp:
+        tmp.write_bytes(data)
+    return {"file": table_file(split), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def read_table(path: Path) -> np.ndarray:
+    """The (N, len(COLUMNS)) int64 table at `path`; ValueError when it is not one."""
+    table = np.load(path, allow_pickle=False)
+    if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(COLUMNS):
+        raise ValueError(f"a {table.dtype} array of shape {table.shape}, not (N, {len(COLUMNS)}) int64")
+    return table
+
+
+
+
+def missing_tables(manifest: dict) -> list[str]:
+    """The splits of a manifest that have shards but no sample table (prepared by an earlier fastcd)."""
+    return [name for name, entry in manifest["splits"].items() if entry.get("shards") and "samples" not in entry]
+
+
+def add_missing_tables(out: Path, manifest: dict, progress: bool) -> dict:
+    """Compute, write and record the tables `manifest` lacks; rewrite the manifest (atomically, last)."""
+    from fastcd.data_prep.manifest import write_manifest
+
+    for name in missing_tables(manifest):
+        entry = manifest["splits"][name]
+        shards = tqdm(entry["shards"], desc=f"{name} sample table", unit="shard", disable=not progress)
+        parts = [shard_rows(s, out / shard["tar"], out / shard["index"]) for s, shard in enumerate(shards)]
+        entry["samples"] = write_table(out, name, np.concatenate(parts))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def upgrade(out: str | Path, progress: bool = True) -> list[str]:
+    """`fastcd prepare --upgrade OUT`: add the sample tables an earlier fastcd did not write, under OUT's
+    lock. Returns the splits upgraded (none when OUT is current)."""
+    from fastcd.data_prep.manifest import load_manifest
+    from fastcd.data_prep.outdir import claimed
+
+    out = Path(out)
+    manifest = load_manifest(out)
+    with claimed(out, manifest["options"]["src"], list(manifest["splits"])):
+        manifest = load_manifest(out)  # as it is now that OUT is ours
+        todo = missing_tables(manifest)
+        if todo:
+            add_missing_tables(out, manifest, progress)
+    return todo
