@@ -4,8 +4,9 @@ One launch for the whole batch: program (tile, n) writes BLOCK output pixels of 
 average of a grid of bilinear samples inside its bin of the box (torchvision's `roi_align` with
 `aligned=True` and the adaptive grid ceil(box / res), so a shrinking crop is area-filtered), mirrored
 when the image's flip is set, normalised as (x - 255 mean) / (255 std), in the output dtype and in
-channels_last memory order. The images are read in place from one flat uint8 buffer (each (3, H, W)
-contiguous, as `decode_jpeg` returns them), so nothing is padded to a common size.
+channels_last memory order. The images are read in place where `decode_jpeg` left them (each (3, H, W)
+contiguous, at its own address: the kernel gets each one's offset from the first), so nothing is
+concatenated or padded to a common size.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ BLOCK = 256  # output pixels per program
 
 @triton.jit
 def _crop_resize_kernel(
-    Src_ptr,  # uint8: the batch's (3, H, W) images, concatenated
-    Off_ptr,  # (N,) int64: where image n starts in Src
+    Src_ptr,  # uint8: the first image of the batch (the base of every image's offset)
+    Off_ptr,  # (N,) int64: where image n starts, in bytes from Src_ptr (any sign: separate allocations)
     Meta_ptr,  # (N, META) fp32: x0, y0, w, h, flip, H, W
     Out_ptr,  # (N, RES, RES, 3) out: the channels_last memory of (N, 3, RES, RES)
     res, meta_stride,
@@ -99,17 +100,23 @@ def _crop_resize_kernel(
 
 def crop_resize_triton(images: Sequence[Tensor], meta: Tensor, res: int, mean: Sequence[float],
                        std: Sequence[float], dtype: torch.dtype) -> Tensor:
-    """(N, 3, res, res) channels_last `dtype` crops of `images` ((3, H_n, W_n) uint8 each); `meta` is
-    (N, >= 7) fp32 on their device: x0, y0, w, h (source pixels), flip, H, W."""
+    """(N, 3, res, res) channels_last `dtype` crops of `images` ((3, H_n, W_n) uint8 each, contiguous, on
+    one device; read in place, not copied together); `meta` is (N, >= 7) fp32 on their device: x0, y0, w, h
+    (source pixels), flip, H, W (`crops.ROW`)."""
     first = images[0]
     check_triton_device(first, "images[0]")
     n = len(images)
-    flat = torch.cat([im.reshape(-1) for im in images])
-    sizes = meta[:, 5].to(torch.int64) * meta[:, 6].to(torch.int64) * 3  # int64: offsets pass 2**24
-    offsets = sizes.cumsum(0) - sizes
+    for i, im in enumerate(images):
+        if im.dtype != torch.uint8 or not im.is_contiguous() or im.device != first.device:
+            raise ValueError(f"images[{i}] is not a contiguous uint8 image on {first.device}")
+    # each image's place as an offset from the first one's (the kernel's base pointer), one small copy
+    offsets = torch.tensor([im.data_ptr() - first.data_ptr() for im in images], dtype=torch.int64)
+    if first.is_cuda:
+        offsets = offsets.pin_memory()
+    offsets = offsets.to(first.device, non_blocking=True)
     out = torch.empty((n, res, res, 3), dtype=dtype, device=first.device)
     sub = [255.0 * m for m in mean]
     mul = [1.0 / (255.0 * s) for s in std]
     _crop_resize_kernel[(triton.cdiv(res * res, BLOCK), n)](
-        flat, offsets, meta, out, res, meta.stride(0), *sub, *mul, BLOCK=BLOCK)
+        first, offsets, meta, out, res, meta.stride(0), *sub, *mul, BLOCK=BLOCK)
     return out.permute(0, 3, 1, 2)

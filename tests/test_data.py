@@ -6,7 +6,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from fastcd.config import DataConfig
@@ -15,7 +14,7 @@ from fastcd.data.crops import DRAWS, CropPlan, crop_boxes, uniforms
 from fastcd.data.fashion_mnist import FASHION_MNIST_DIR, read_idx
 from fastcd.data.resolution import train_res
 from fastcd.data.sharding import epoch_indices
-from fastcd.data.transforms import center_crop, normalize, resized_crop_affine
+from fastcd.data.transforms import normalize, resized_crop_affine
 from fastcd.errors import FastcdError
 
 
@@ -39,7 +38,7 @@ def test_crops_are_a_function_of_seed_epoch_and_sample_alone():
     sizes = torch.tensor([37, 120, 64, 9]), torch.tensor([53, 80, 64, 300])
     batch = plan.boxes([5, 900, 12, 3], *sizes)
     for row, i in enumerate([5, 900, 12, 3]):
-        assert plan.box(i, int(sizes[0][row]), int(sizes[1][row])) == (*batch[row, :4].tolist(), bool(batch[row, 4]))
+        assert torch.equal(plan.boxes([i], sizes[0][row:row + 1], sizes[1][row:row + 1])[0], batch[row])
     assert torch.equal(plan.boxes([12], sizes[0][2:3], sizes[1][2:3]), batch[2:3])
     other = [CropPlan(True, 32, 0.08, 0.875, seed=7, epoch=3), CropPlan(True, 32, 0.08, 0.875, seed=8, epoch=2)]
     assert all(not torch.equal(p.boxes([5, 900, 12, 3], *sizes), batch) for p in other)
@@ -56,11 +55,21 @@ def test_a_whole_image_box_equals_a_plain_resize_and_flips_where_asked():
     torch.testing.assert_close(out[1], x[1].flip(2), rtol=1e-4, atol=1e-3)
 
 
-def test_center_crop_and_normalize():
-    x = torch.arange(2 * 3 * 8 * 10, dtype=torch.float32).view(2, 3, 8, 10)
-    assert torch.equal(center_crop(x, 6, 0.75), x[:, :, 1:7, 2:8])
-    resized = center_crop(x, 4, 0.5)
-    torch.testing.assert_close(resized, F.interpolate(x, size=(8, 10), mode="bilinear", antialias=True)[:, :, 2:6, 3:7])
+def test_center_boxes_are_the_box_of_resize_then_centre_crop_in_whole_pixels():
+    """Short side 300 resized to 256, centre 224 crop: a square of round(224 * 300 / 256) = 262 source pixels,
+    centred with floored offsets; the same for every image of the batch, whatever the other sizes."""
+    heights, widths = torch.tensor([300, 500, 256, 7]), torch.tensor([400, 281, 256, 9])
+    boxes = CropPlan(False, 224, 0.08, 0.875, seed=0, epoch=0).boxes(range(4), heights, widths)
+    assert boxes[0].tolist() == [69, 19, 262, 262, 0]  # (400 - 262) / 2, (300 - 262) / 2
+    assert boxes[1].tolist() == [(281 - 246) // 2, (500 - 246) // 2, 246, 246, 0]
+    assert boxes[2].tolist() == [16, 16, 224, 224, 0]
+    assert boxes[3].tolist() == [1, 0, 6, 6, 0]
+    assert torch.equal(boxes, boxes.round())
+    rows = CropPlan(False, 224, 0.08, 0.875, seed=0, epoch=0).rows(range(4), heights, widths)
+    assert rows.dtype == torch.float32 and torch.equal(rows[:, 5:], torch.stack([heights, widths], 1).float())
+
+
+def test_normalize():
     out = normalize(torch.full((2, 3, 4, 4), 255, dtype=torch.uint8), [0.5] * 3, [0.25] * 3, torch.bfloat16, True)
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.all(out == 2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from fastcd.data.crops import CropPlan, center_box
+from fastcd.data.crops import CropPlan
 from fastcd.data.transforms import normalize, resized_crops, resized_crops_eager
 from fastcd.kernels.crop_triton import crop_resize_triton
 
@@ -21,8 +21,8 @@ def batch(sizes, res, train=True, seed=None):
     g = torch.Generator().manual_seed(seed)
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).to(DEVICE) for h, w in sizes]
     plan = CropPlan(train, res, 0.08, 0.875, seed, 3)
-    meta = torch.tensor([[*plan.box(i, h, w), h, w] for i, (h, w) in enumerate(sizes)], dtype=torch.float32)
-    return images, meta.to(DEVICE)
+    heights, widths = torch.tensor(sizes).unbind(1)
+    return images, plan.rows(range(len(sizes)), heights, widths).to(DEVICE)
 
 
 def reference(images, meta, res):
@@ -74,16 +74,28 @@ def test_area_filter_is_close_to_torchvision_antialiased_resize():
     for i in range(12):
         h, w = (int(v) for v in rng.integers(30, 140, 2))
         image = smooth(h, w, rng)
-        x0, y0, bw, bh, flip = plan.box(i, h, w)
+        row = plan.rows([i], torch.tensor([h]), torch.tensor([w]))
+        x0, y0, bw, bh, flip = row[0, :5].tolist()
         want = TF.resized_crop(image, int(y0), int(x0), int(bh), int(bw), [24, 24], antialias=True).float()
         want = want.flip(-1) if flip else want
-        got = resized_crops_eager([image], torch.tensor([[x0, y0, bw, bh, flip, h, w]]), 24)[0]
+        got = resized_crops_eager([image], row, 24)[0]
         diff = (got - want).abs()
         assert diff.mean() < 1.5 and diff.max() < 12, (h, w, (x0, y0, bw, bh), diff.mean(), diff.max())
 
 
-def test_center_box_is_the_box_of_resize_then_centre_crop():
-    x0, y0, w, h, flip = center_box(300, 400, 224, 0.875)  # short side 256: 256 x 341, crop 224 at (16, 58)
-    assert not flip
-    assert (x0, y0) == pytest.approx((58 * 400 / 341, 16 * 300 / 256)) and (w, h) == pytest.approx((224 * 400 / 341,
-                                                                                                       224 * 300 / 256))
+def test_crop_kernel_reads_images_in_place_wherever_they_lie():
+    """Images that are views of one buffer, lying in the reverse of batch order (negative offsets from the
+    first), are cropped as the same images copied apart."""
+    sizes = [(21, 17), (9, 30), (40, 33)]
+    images, meta = batch(sizes, 12)
+    lengths = [im.numel() for im in images]
+    pool = torch.zeros(sum(lengths) + 5, dtype=torch.uint8, device=DEVICE)
+    views, end = [], len(pool)
+    for im, n in zip(images, lengths):  # the first image last in the pool, and so on
+        end -= n
+        pool[end:end + n] = im.reshape(-1)
+        views.append(pool[end:end + n].view(im.shape))
+    got = crop_resize_triton(views, meta, 12, MEAN, STD, torch.float32)
+    torch.testing.assert_close(got, crop_resize_triton(images, meta, 12, MEAN, STD, torch.float32), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="images\\[1\\] is not a contiguous uint8"):
+        crop_resize_triton([images[0], images[1].transpose(1, 2)], meta[:2], 12, MEAN, STD, torch.float32)

@@ -109,7 +109,7 @@ def test_two_backends_execute_the_same_crops(tmp_path: Path) -> None:
     ctx = LoaderContext(torch.device("cpu"), num_classes=CLASSES, seed=11)
     shards = ShardSamples(open_prepared(cfg.path, "train", ctx, "dali"))
     images = torch.stack([decode_jpeg(torch.from_numpy(shards.jpeg(i).copy())) for i in range(len(shards))])
-    labels = torch.tensor([shards.label(i) for i in range(len(shards))])
+    labels = torch.from_numpy(shards.labels)
     backends = [build_loader(cfg, "train", ctx), InMemoryLoader(images, labels, cfg, "train", ctx),
                 build_loader(dataclasses.replace(cfg, backend="dali"), "train", ctx)]
     for loader in backends:

@@ -1,11 +1,13 @@
 """The crop of each sample as a pure function of (seed, epoch, sample) and the image's size.
 
 A backend asks `CropPlan.boxes` for the box (x0, y0, w, h in source pixels) and the flip of each sample
-of a batch, and only executes them: the crop depends neither on the batch it lands in, nor the worker
-count, nor where it runs (a worker's CPU, the GPU) or which decoder made the pixels. Training:
-torchvision's RandomResizedCrop draw (`crop_boxes`) and a fair flip, from counter-based random numbers
-of (seed, epoch, sample) (`uniforms`). Validation: the box that a resize of the short side to
-res / resize_ratio followed by a centre res x res crop reads.
+of a batch (one vectorised call per batch, never per sample), and only executes them: the crop depends
+neither on the batch it lands in, nor the worker count, nor where it runs (a worker's CPU, the GPU) or
+which decoder made the pixels. Training: torchvision's RandomResizedCrop draw (`crop_boxes`) and a fair
+flip, from counter-based random numbers of (seed, epoch, sample) (`uniforms`). Validation: the centred
+box that a resize of the short side to res / resize_ratio followed by a centre res x res crop reads
+(`center_boxes`). This is the one definition of every crop, train and val: each backend executes these
+boxes (resampling them to res x res), none computes its own.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from torch import Tensor
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 TRIES = 10  # RandomResizedCrop's draws before its centre-crop fallback
 DRAWS = 2 * TRIES + 3  # per sample: TRIES scales, TRIES ratios, x0, y0, flip
-Box = tuple[float, float, float, float, bool]  # x0, y0, w, h (source pixels), flip
+# A crop row, as every executor of the crops reads it (`CropPlan.rows`): the box in source pixels, the
+# flip (1.0 or 0.0) and the image's size. Every box is in whole pixels.
+ROW = ("x0", "y0", "w", "h", "flip", "height", "width")
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -66,13 +70,14 @@ def crop_boxes(heights: Tensor, widths: Tensor, u: Tensor, scale: tuple[float, f
     return torch.stack([x0, y0, w_sel, h_sel], dim=1)
 
 
-def center_box(height: int, width: int, res: int, resize_ratio: float) -> Box:
-    """The source box of `transforms.center_crop`: short side resized to round(res / ratio), centre res x res."""
-    short = round(res / resize_ratio)
-    scale = short / min(height, width)
-    rh, rw = max(short, round(height * scale)), max(short, round(width * scale))
-    sy, sx = rh / height, rw / width
-    return ((rw - res) // 2 / sx, (rh - res) // 2 / sy, res / sx, res / sy, False)
+def center_boxes(heights: Tensor, widths: Tensor, res: int, resize_ratio: float) -> Tensor:
+    """(B, 4) float64 validation boxes (x0, y0, w, h) in whole pixels: the centred square that a resize of
+    the short side to round(res / resize_ratio) followed by a centre res x res crop reads, i.e. of side
+    round(res * short side / round(res / resize_ratio)), at offsets floor((side of image - box) / 2)."""
+    h, w = heights.double(), widths.double()
+    short = torch.minimum(h, w)
+    side = (res * short / round(res / resize_ratio)).round().clamp(1, None).minimum(short)
+    return torch.stack([((w - side) / 2).floor(), ((h - side) / 2).floor(), side, side], dim=1)
 
 
 @dataclass(frozen=True)
@@ -87,15 +92,16 @@ class CropPlan:
     epoch: int
 
     def boxes(self, indices: Sequence[int] | Tensor, heights: Tensor, widths: Tensor) -> Tensor:
-        """(B, 5) float64 rows (x0, y0, w, h, flip) of the samples `indices`, images of per-row size."""
+        """(B, 5) float64 rows (x0, y0, w, h, flip) of the samples `indices`, images of per-row size: one
+        vectorised call per batch."""
         if not self.train:
-            return torch.tensor([center_box(int(h), int(w), self.res, self.resize_ratio)
-                                 for h, w in zip(heights.tolist(), widths.tolist())], dtype=torch.float64)
+            return torch.cat([center_boxes(heights, widths, self.res, self.resize_ratio),
+                              torch.zeros(len(heights), 1, dtype=torch.float64)], dim=1)
         u = uniforms(self.seed, self.epoch, indices, DRAWS)
         flip = (u[:, 2 * TRIES + 2] < 0.5).double()
         return torch.cat([crop_boxes(heights, widths, u, (self.scale_min, 1.0)), flip[:, None]], dim=1)
 
-    def box(self, index: int, height: int, width: int) -> Box:
-        """The box and flip of sample `index`, an image of height x width pixels."""
-        x0, y0, w, h, flip = self.boxes([index], torch.tensor([height]), torch.tensor([width]))[0].tolist()
-        return (x0, y0, w, h, flip > 0.5)
+    def rows(self, indices: Sequence[int] | Tensor, heights: Tensor, widths: Tensor) -> Tensor:
+        """(B, len(ROW)) float32 crop rows (`ROW`) of the samples: what an executor of the crops reads."""
+        return torch.cat([self.boxes(indices, heights, widths), heights.double()[:, None],
+                          widths.double()[:, None]], dim=1).float()

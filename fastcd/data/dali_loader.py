@@ -8,9 +8,10 @@ bf16 it writes fp32 and one `.to(bfloat16)` rounds that (the cheapest correct wa
 docs/loaders.md). On a CPU-only machine the same graph runs with CPU operators (`device_id=None`).
 
 The samples are fed by index (the shards' index files give each JPEG's offset) in the order of
-`sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split; for
-training each sample's crop window and flip are fed too, drawn by `crops.CropPlan` (from its size, read
-once from its JPEG header), so DALI executes the crops every backend executes (a teacher cache replays).
+`sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split; each
+sample's crop window and flip are fed too (train and val), computed per batch by `crops.CropPlan` from
+the sizes in the split's sample table, so DALI executes the crops every backend executes (a teacher
+cache replays).
 DALI's own webdataset reader shuffles only within a buffer (~1000 samples), and the prepared shards
 are sorted by class, so its batches would hold one or two classes. The JPEG bytes are fed as views of
 the memory-mapped shards (`no_copy`), so the main thread does not copy them.
@@ -35,34 +36,33 @@ DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.b
 
 class _FedPipeline(Pipeline):
     """A DALI pipeline whose `iter_setup` feeds the next batch by index: JPEG bytes (views of the
-    mapped shards), labels and, for training, the epoch's resolution and each sample's crop window and
-    flip (`plan`)."""
+    mapped shards), labels, the epoch's resolution and each sample's crop window and flip (`plan`),
+    the labels and windows computed for the whole batch from the split's sample table."""
 
-    def __init__(self, samples: ShardSamples, train: bool, **kwargs) -> None:
+    def __init__(self, samples: ShardSamples, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.samples, self.train = samples, train
+        self.samples = samples
         self.batches: Iterator[Tensor] = iter(())
         self.plan: CropPlan | None = None
 
     def iter_setup(self) -> None:
         batch = next(self.batches)  # StopIteration ends DALI's epoch
-        index = batch.tolist()
-        self.feed_input("jpegs", [self.samples.jpeg(i) for i in index])
-        self.feed_input("labels", np.array([self.samples.label(i) for i in index], dtype=np.int64))
-        if self.train:
-            height, width = torch.from_numpy(self.samples.sizes(index)).unbind(1)
-            boxes = self.plan.boxes(batch, height, width).numpy().astype(np.float32)
-            self.feed_input("anchor", list(boxes[:, 0:2]))  # x0, y0 ("WH" order)
-            self.feed_input("shape", list(boxes[:, 2:4]))  # w, h
-            self.feed_input("flip", boxes[:, 4].astype(np.int32))
-            self.feed_input("res", np.full(len(index), self.plan.res, dtype=np.float32))
+        s, idx = self.samples, batch.numpy()
+        self.feed_input("jpegs", [s.jpeg(i) for i in idx.tolist()])
+        self.feed_input("labels", s.labels[idx])
+        boxes = self.plan.boxes(batch, torch.from_numpy(s.heights[idx]), torch.from_numpy(s.widths[idx]))
+        boxes = boxes.numpy().astype(np.float32)
+        self.feed_input("anchor", list(boxes[:, 0:2]))  # x0, y0 ("WH" order)
+        self.feed_input("shape", list(boxes[:, 2:4]))  # w, h
+        self.feed_input("flip", boxes[:, 4].astype(np.int32))
+        self.feed_input("res", np.full(len(idx), self.plan.res, dtype=np.float32))
 
 
-def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bool, batch_size: int) -> _FedPipeline:
+def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, batch_size: int) -> _FedPipeline:
     gpu = ctx.device.type == "cuda"
     # One pool thread more than `workers`: DALI's own readers prefetch in a thread beside the pool, while this
     # pipeline is fed from the consumer's thread; the extra thread keeps the cores busy meanwhile (docs/loaders.md).
-    pipe = _FedPipeline(samples, train, batch_size=batch_size, num_threads=cfg.workers + 1,
+    pipe = _FedPipeline(samples, batch_size=batch_size, num_threads=cfg.workers + 1,
                         device_id=(ctx.device.index or 0) if gpu else None, seed=ctx.seed * 1_009 + ctx.rank,
                         prefetch_queue_depth=cfg.dali_prefetch, exec_dynamic=True)
     decode = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
@@ -75,19 +75,15 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, train: bo
         # no_copy: the views stay valid while the shards are mapped, i.e. as long as `samples` lives.
         jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1, no_copy=True)
         labels = fn.external_source(name="labels", dtype=types.INT64, ndim=0)
-        if train:  # fastcd's crop windows (ROI decoding), resized, mirrored where the plan says
-            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
-            shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
-            flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            res = fn.external_source(name="res", dtype=types.FLOAT, ndim=0)
-            images = fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False,
-                                             axis_names="WH", **decode)
-            images = fn.resize(images, resize_x=res, resize_y=res)
-            images = fn.crop_mirror_normalize(images, mirror=flip, **normalise)
-        else:
-            images = fn.decoders.image(jpegs, **decode)
-            images = fn.resize(images, resize_shorter=round(cfg.val_res / cfg.val_resize_ratio))
-            images = fn.crop_mirror_normalize(images, crop=(cfg.val_res, cfg.val_res), **normalise)
+        # fastcd's crop windows, train and val (ROI decoding), resized, mirrored where the plan says
+        anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
+        shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
+        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+        res = fn.external_source(name="res", dtype=types.FLOAT, ndim=0)
+        images = fn.decoders.image_slice(jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False,
+                                         axis_names="WH", **decode)
+        images = fn.resize(images, resize_x=res, resize_y=res)
+        images = fn.crop_mirror_normalize(images, mirror=flip, **normalise)
         pipe.set_outputs(images, labels.gpu() if gpu else labels)
     pipe.build()
     return pipe
@@ -104,7 +100,7 @@ class DaliLoader(IndexedLoader):
         self.samples = ShardSamples(prepared)
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
-        self.pipe = _build(cfg, ctx, self.samples, self.train, self.batch_size)
+        self.pipe = _build(cfg, ctx, self.samples, self.batch_size)
         self.set_epoch(0)
 
     def fingerprint(self) -> str:

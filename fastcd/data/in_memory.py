@@ -11,7 +11,7 @@ from torch import Tensor
 from fastcd.config import DataConfig
 from fastcd.data.base import IndexedLoader, LoaderContext, Split
 from fastcd.data.crops import CropPlan
-from fastcd.data.transforms import center_crop, normalize, resized_crop_affine
+from fastcd.data.transforms import normalize, resized_crop_affine
 
 
 class InMemoryLoader(IndexedLoader):
@@ -43,12 +43,8 @@ class InMemoryLoader(IndexedLoader):
         _, _, height, width = self.images.shape
         for b, host_idx in enumerate(self.batch_indices()):
             idx = self.device_order[b * self.batch_size:b * self.batch_size + len(host_idx)]
-            x = self.images[idx].float()
-            if self.train:
-                size = torch.full((len(host_idx),), height), torch.full((len(host_idx),), width)
-                x = resized_crop_affine(x, plan.boxes(host_idx, *size), self.res)
-            else:
-                x = center_crop(x, self.res, self.cfg.val_resize_ratio)
+            size = torch.full((len(host_idx),), height), torch.full((len(host_idx),), width)
+            x = resized_crop_affine(self.images[idx].float(), plan.boxes(host_idx, *size), self.res)
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             yield (normalize(x, self.cfg.mean, self.cfg.std, self.ctx.dtype, self.ctx.channels_last),

@@ -2,24 +2,22 @@
 
 Checks run when a loader is built, so bad input fails before training: the manifest's format
 version and referenced files (`load_manifest`), the split and the format the backend needs, the
-class count against the model, and — cheaply, without hashing — each shard's index against its
-tar (sample count, tar long enough, first sample a JPEG with a numeric label).
+class count against the model, and — cheaply, without hashing — the split's sample table against
+the manifest and the tars (sample count, shards and labels in range, each tar long enough, its first
+sample a JPEG).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import mmap
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fastcd.data.base import LoaderContext, Split
 from fastcd.data_prep.manifest import load_manifest
-from fastcd.data_prep.shards import read_index
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH, read_table
 from fastcd.errors import FastcdError
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -73,80 +71,87 @@ def open_prepared(path: str, split: Split, ctx: LoaderContext, need: str) -> Pre
 
 
 class ShardSamples:
-    """Random access to the samples of a split's shards: JPEG bytes and label of global index i.
+    """The samples of a split's shards, read by batch: the columns of the split's sample table (label,
+    image size, where each JPEG lies) as arrays, and `gather` to copy a batch's JPEG bytes out of the
+    memory-mapped tars. Nothing is parsed per sample: no tar index, JPEG header or label.
 
     Tars are memory-mapped lazily (so the object pickles cheaply into DataLoader workers).
     """
 
     def __init__(self, prepared: PreparedSplit) -> None:
+        entry, root = prepared.entry, prepared.root
+        if "samples" not in entry:
+            raise FastcdError(f"{root} was prepared by an earlier fastcd: its {prepared.split} split has no sample "
+                              f"table (image sizes and labels); run `fastcd prepare --upgrade {root}` once")
+        path = root / entry["samples"]["file"]
+        try:
+            table = read_table(path)
+        except (OSError, ValueError) as e:
+            raise FastcdError(f"sample table {path} is damaged ({e}); run `fastcd prepare --verify {root}`") from e
         self.tars = [tar for tar, _ in prepared.shards]
-        shard_of, jpg, cls = [], [], []
-        for s, ((_, index), record) in enumerate(zip(prepared.shards, prepared.entry["shards"])):
-            try:
-                samples = read_index(index)
-                jpg.extend((e["jpg"].offset, e["jpg"].size) for e in samples)
-                cls.extend((e["cls"].offset, e["cls"].size) for e in samples)
-            except (ValueError, KeyError, IndexError) as e:
-                raise FastcdError(f"shard index {index} is corrupt ({e}); re-run `fastcd prepare`") from e
-            if len(samples) != record["num_samples"]:
-                raise FastcdError(f"shard index {index} lists {len(samples)} samples, the manifest "
-                                  f"{record['num_samples']}; re-run `fastcd prepare`")
-            shard_of += [s] * len(samples)
-        self.shard_of = np.asarray(shard_of, dtype=np.int32)
-        self.jpg = np.asarray(jpg, dtype=np.int64).reshape(-1, 2)
-        self.cls = np.asarray(cls, dtype=np.int64).reshape(-1, 2)
-        self._maps: dict[int, mmap.mmap] = {}
-        self._sizes = np.full((len(self.shard_of), 2), -1, dtype=np.int64)  # (H, W), read when first asked
-        self._check(prepared)
+        self.shard = np.ascontiguousarray(table[:, SHARD])
+        self.offset = np.ascontiguousarray(table[:, OFFSET])
+        self.length = np.ascontiguousarray(table[:, LENGTH])
+        self.labels = np.ascontiguousarray(table[:, LABEL])
+        self.heights = np.ascontiguousarray(table[:, HEIGHT])
+        self.widths = np.ascontiguousarray(table[:, WIDTH])
+        self._maps: list[np.ndarray | None] = [None] * len(self.tars)
+        self._check(prepared, path)
 
     def __len__(self) -> int:
-        return len(self.shard_of)
+        return len(self.shard)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_maps": [None] * len(self.tars)}
 
-    def _map(self, shard: int) -> mmap.mmap:
-        if shard not in self._maps:
+    def _map(self, shard: int) -> np.ndarray:
+        if self._maps[shard] is None:
             with open(self.tars[shard], "rb") as f:
-                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[shard] = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
         return self._maps[shard]
 
     def jpeg(self, i: int) -> np.ndarray:
         """The JPEG bytes of sample i (a read-only view of the mapped tar)."""
-        offset, size = self.jpg[i]
-        return np.frombuffer(self._map(int(self.shard_of[i])), dtype=np.uint8, count=size, offset=offset)
+        offset = int(self.offset[i])
+        return self._map(int(self.shard[i]))[offset:offset + int(self.length[i])]
 
-    def sizes(self, indices: Sequence[int]) -> np.ndarray:
-        """(len(indices), 2) image (height, width) of the samples, from their JPEG headers (no decode; each
-        read once per process)."""
-        for i in indices:
-            if self._sizes[i, 0] < 0:
-                width, height = Image.open(io.BytesIO(self.jpeg(i))).size
-                self._sizes[i] = (height, width)
-        return self._sizes[list(indices)]
+    def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Copy the JPEGs of samples `indices` one after another into `out` (uint8, at least their total
+        length); return their lengths."""
+        lengths = self.length[indices]
+        starts = np.cumsum(lengths) - lengths
+        maps = self._maps
+        for s, o, n, p in zip(self.shard[indices].tolist(), self.offset[indices].tolist(), lengths.tolist(),
+                              starts.tolist()):
+            m = maps[s]
+            if m is None:
+                m = self._map(s)
+            out[p:p + n] = m[o:o + n]
+        return lengths
 
-    def label(self, i: int) -> int:
-        """The label of sample i."""
-        offset, size = self.cls[i]
-        return int(self._map(int(self.shard_of[i]))[offset:offset + size])
-
-    def _check(self, prepared: PreparedSplit) -> None:
-        """Each shard's tar is as long as its index says and starts with a JPEG and a numeric label."""
+    def _check(self, prepared: PreparedSplit, path: Path) -> None:
+        """The table has the manifest's sample count, valid shards and labels, and stays inside each tar, and
+        each shard's first sample is a JPEG."""
+        problem = None
         if len(self) != prepared.num_samples:
-            raise FastcdError(f"{prepared.root}: the {prepared.split} shards hold {len(self)} samples, the "
-                              f"manifest {prepared.num_samples}; re-run `fastcd prepare`")
-        ends = np.maximum(self.jpg.sum(1), self.cls.sum(1))
-        starts = np.searchsorted(self.shard_of, np.arange(len(self.tars) + 1))
+            problem = f"holds {len(self)} samples, the manifest {prepared.num_samples}"
+        elif len(self) and not (0 <= self.shard.min() and self.shard.max() < len(self.tars)
+                                and (np.diff(self.shard) >= 0).all()):
+            problem = f"does not list shards 0..{len(self.tars) - 1} in order"
+        elif len(self) and not (0 <= self.labels.min() and self.labels.max() < len(prepared.classes)):
+            problem = f"has labels outside 0..{len(prepared.classes) - 1}"
+        elif len(self) and (self.heights.min() < 1 or self.widths.min() < 1 or self.length.min() < 1):
+            problem = "has empty images"
+        if problem:
+            raise FastcdError(f"sample table {path} {problem}; run `fastcd prepare --verify {prepared.root}`")
+        ends = self.offset + self.length
+        starts = np.searchsorted(self.shard, np.arange(len(self.tars) + 1))
         for s, tar in enumerate(self.tars):
-            first = int(starts[s])
-            needed = int(ends[first:starts[s + 1]].max())
+            if starts[s] == starts[s + 1]:
+                continue
+            needed = int(ends[starts[s]:starts[s + 1]].max())
             if tar.stat().st_size < needed:
-                raise FastcdError(f"shard {tar} is truncated ({tar.stat().st_size} bytes, its index needs "
+                raise FastcdError(f"shard {tar} is truncated ({tar.stat().st_size} bytes, its samples need "
                                   f"{needed}); re-run `fastcd prepare`")
-            try:
-                ok = bytes(self.jpeg(first)[:2]) == JPEG_MAGIC and 0 <= self.label(first) < len(prepared.classes)
-            except ValueError:
-                ok = False
-            if not ok:
-                raise FastcdError(f"shard {tar} is corrupt: its first sample is not a JPEG with a label in "
-                                  f"0..{len(prepared.classes) - 1}; re-run `fastcd prepare`")
+            if bytes(self.jpeg(int(starts[s]))[:2]) != JPEG_MAGIC:
+                raise FastcdError(f"shard {tar} is corrupt: its first sample is not a JPEG; re-run `fastcd prepare`")

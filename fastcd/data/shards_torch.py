@@ -1,27 +1,26 @@
-"""The `torch` backend: the prepared shards read by index, decoded with `torchvision.io.decode_jpeg`.
+"""The `torch` backend: the prepared shards read by batch, decoded with `torchvision.io.decode_jpeg`.
 
-One `DataLoader` with persistent workers over the samples in `epoch_indices` order (its sampler hands
-each worker (sample, epoch, resolution), so a new epoch needs no new workers); each sample's crop and
-flip come from `crops.CropPlan` (a pure function of seed, epoch and sample), so they depend neither on
-the worker count nor on where the crop runs. Two places to decode (`data.decode`):
+Everything the host does is done per batch, from the split's sample table (labels, image sizes, where
+each JPEG lies) and `crops.CropPlan.rows` (every crop box and flip of the batch in one vectorised call).
+Two places to decode (`data.decode`):
 
-- `workers` (default on a CPU): each DataLoader worker decodes and crops its samples; uint8 batches.
-- `device` (default on CUDA): workers only read the JPEG bytes (one buffer per batch) and each image's
-  size from its header; a background thread decodes each batch in one `decode_jpeg(list, device=...)`
-  call (nvjpeg on a GPU), then crops, resizes, flips and normalises it in one launch
-  (`transforms.resized_crops`), on its own CUDA stream, `PREFETCH` batches ahead of the training step.
+- `device` (default on CUDA): no worker process. One thread (`feed.HostFeed`) gathers each batch's JPEG
+  bytes from the memory-mapped shards into a reused pinned buffer; a second decodes the batch in one
+  `decode_jpeg(list, device=...)` call (nvjpeg on a GPU) and crops, resizes, flips and normalises it in one
+  launch that reads the decoded images in place (`transforms.resized_crops`), on its own CUDA stream. Both
+  run `PREFETCH` batches ahead of the training step. `data.workers` is not used: the host's share costs
+  microseconds per image (`fastcd bench feed`), which one thread sustains.
+- `workers` (default on a CPU): `data.workers` persistent DataLoader processes each decode and crop whole
+  batches (torchvision's antialiased `resized_crop` of each box); uint8 batches.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import multiprocessing
-import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -31,25 +30,27 @@ from torchvision.transforms.v2 import functional as TF
 from fastcd.config import DataConfig
 from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
 from fastcd.data.crops import CropPlan
+from fastcd.data.feed import FedBatch, HostFeed, staged
 from fastcd.data.prepared import ShardSamples, open_prepared
 from fastcd.data.transforms import normalize, resized_crops
 from fastcd.errors import FastcdError
 
-PREFETCH = 2  # batches decoded ahead on the device
+PREFETCH = 2  # batches each stage (host feed, device decode) works ahead of its consumer
+SLOTS = PREFETCH + 2  # host buffers: queued for the decoder, being decoded, being filled
 
 
-Item = tuple[int, int, int]  # (sample, epoch, resolution): what the sampler hands the workers
+Item = tuple[Tensor, int, int]  # (sample indices of one batch, epoch, resolution): what the workers get
 
 
-class _EpochOrder(Sampler[Item]):
-    """The current epoch's samples as (sample, epoch, resolution) items. It lives in the main process and
-    is read at each `iter()`, so persistent workers follow the epoch without being restarted."""
+class _EpochBatches(Sampler[Item]):
+    """The current epoch's batches as items. It lives in the main process and is read at each `iter()`, so
+    persistent workers follow the epoch without being restarted."""
 
     def __init__(self) -> None:
         self.items: list[Item] = []
 
-    def set(self, order: list[int], epoch: int, res: int) -> None:
-        self.items = [(i, epoch, res) for i in order]
+    def set(self, batches: list[Tensor], epoch: int, res: int) -> None:
+        self.items = [(b, epoch, res) for b in batches]
 
     def __iter__(self) -> Iterator[Item]:
         return iter(self.items)
@@ -58,52 +59,53 @@ class _EpochOrder(Sampler[Item]):
         return len(self.items)
 
 
-class _Shards(Dataset):
-    """Item -> (cropped uint8 image, label), or with `device_decode` (JPEG bytes, label, meta) where meta is
-    (x0, y0, w, h, flip, H, W): the box and flip to apply and the image's size, read from its header."""
-
-    def __init__(self, samples: ShardSamples, plan: CropPlan, device_decode: bool) -> None:
-        self.samples, self.plan, self.device_decode = samples, plan, device_decode
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item: Item) -> tuple[Tensor, int] | tuple[np.ndarray, int, Tensor]:
-        i, epoch, res = item
-        plan = dataclasses.replace(self.plan, epoch=epoch, res=res)
-        jpeg, label = self.samples.jpeg(i), self.samples.label(i)
-        if self.device_decode:
-            height, width = self.samples.sizes([i])[0].tolist()  # from the header: no decode here
-            return jpeg, label, torch.tensor([*plan.box(i, height, width), height, width], dtype=torch.float32)
-        image = decode_jpeg(torch.from_numpy(jpeg.copy()), mode=ImageReadMode.RGB)
-        if not plan.train:
-            image = TF.resize(image, round(res / plan.resize_ratio), antialias=True)
-            return TF.center_crop(image, [res, res]), label
-        x0, y0, w, h, flip = plan.box(i, image.shape[-2], image.shape[-1])  # whole pixels
-        image = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [res, res], antialias=True)
-        return (image.flip(-1) if flip else image), label
-
-
-def _collate_bytes(items: list[tuple[np.ndarray, int, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One buffer of the batch's JPEG bytes and their sizes (a single tensor crosses from the worker, not
-    one per image), the labels and the meta rows."""
-    jpegs, labels, meta = zip(*items)
-    return (torch.from_numpy(np.concatenate(jpegs)), torch.tensor([len(j) for j in jpegs]), torch.tensor(labels),
-            torch.stack(meta))
-
-
 @functools.cache
 def _worker_start() -> multiprocessing.context.BaseContext:
     """How the workers start: from a fork server that imported this module, never as a fork of this process,
-    which may already run other threads (DALI's, CUDA's, a prefetch thread); a fork copies the locks they
-    hold, and a worker could wait on one forever."""
+    which may already run other threads (DALI's, CUDA's, the feed's); a fork copies the locks they hold, and
+    a worker could wait on one forever."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     return ctx
 
 
+def _check_sizes(images: list[Tensor], rows: Tensor) -> None:
+    """Each decoded image has the size the sample table gives it."""
+    got = torch.tensor([im.shape[1:] for im in images], dtype=torch.float32).reshape(-1, 2)
+    bad = (got != rows[:, 5:7]).any(1).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise FastcdError(f"batch sample {i}: the sample table says {int(rows[i, 5])}x{int(rows[i, 6])} but it "
+                          f"decodes to {int(got[i, 0])}x{int(got[i, 1])}; run `fastcd prepare --verify`")
+
+
+class _Batches(Dataset):
+    """Item -> (uint8 (B, 3, res, res) crops, labels), decoded and cropped in a worker process."""
+
+    def __init__(self, samples: ShardSamples, plan: CropPlan) -> None:
+        self.samples, self.plan = samples, plan
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
+        indices, epoch, res = item
+        s, idx = self.samples, item[0].numpy()
+        rows = dataclasses.replace(self.plan, epoch=epoch, res=res).rows(
+            indices, torch.from_numpy(s.heights[idx]), torch.from_numpy(s.widths[idx]))
+        out = torch.empty((len(idx), 3, res, res), dtype=torch.uint8)
+        images = []
+        for k, (i, (x0, y0, w, h, flip, _, _)) in enumerate(zip(idx.tolist(), rows.tolist())):
+            image = decode_jpeg(torch.from_numpy(s.jpeg(i).copy()), mode=ImageReadMode.RGB)
+            images.append(image)
+            crop = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [res, res], antialias=True)
+            out[k] = crop.flip(-1) if flip else crop
+        _check_sizes(images, rows)
+        return out, torch.from_numpy(s.labels[idx])
+
+
 class ShardsTorchLoader(IndexedLoader):
-    """Shards -> torchvision decode (in CPU workers, or batched on the device) -> device batches."""
+    """Shards -> torchvision decode (batched on the device, or in CPU workers) -> device batches."""
 
     replays_crops = True
 
@@ -114,14 +116,15 @@ class ShardsTorchLoader(IndexedLoader):
         super().__init__(cfg, split, ctx, len(self.samples))
         self.num_classes = len(prepared.classes)
         self.device_decode = cfg.decode == "device" or (cfg.decode == "auto" and ctx.device.type == "cuda")
-        plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
-        self.sampler = _EpochOrder()
-        self.loader = DataLoader(_Shards(self.samples, plan, self.device_decode), batch_size=self.batch_size,
-                                 sampler=self.sampler, num_workers=cfg.workers,
-                                 drop_last=self.train and not ctx.keep_last,
-                                 persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",
-                                 collate_fn=_collate_bytes if self.device_decode else None,
-                                 multiprocessing_context=_worker_start() if cfg.workers > 0 else None)
+        self.plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
+        if self.device_decode:
+            self.feed = HostFeed(self.samples, SLOTS, pin=ctx.device.type == "cuda")
+        else:
+            self.sampler = _EpochBatches()
+            self.loader = DataLoader(_Batches(self.samples, self.plan), batch_size=None, sampler=self.sampler,
+                                     num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                                     pin_memory=ctx.device.type == "cuda",
+                                     multiprocessing_context=_worker_start() if cfg.workers > 0 else None)
         self.set_epoch(0)
 
     def fingerprint(self) -> str:
@@ -129,83 +132,35 @@ class ShardsTorchLoader(IndexedLoader):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.sampler.set(self.order.tolist(), epoch, self.res)
+        if not self.device_decode:
+            self.sampler.set(self.batch_indices(), epoch, self.res)
 
-    def _device_batch(self, data: Tensor, sizes: Tensor, labels: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:
-        """Decode, crop and normalise one batch on the device (in the prefetch thread)."""
+    def _decode(self, batch: FedBatch, stop: threading.Event) -> tuple[Tensor, Tensor]:
+        """Decode, crop and normalise one batch on the device (in the decode thread)."""
         dev, cfg = self.ctx.device, self.cfg
-        images = decode_jpeg(list(data.split(sizes.tolist())), mode=ImageReadMode.RGB, device=dev)
-        sizes = meta[:, 5:7].tolist()  # host values of a host tensor: no device sync
-        for image, (h, w), i in zip(images, sizes, range(len(images))):
-            if tuple(image.shape[1:]) != (h, w):
-                raise FastcdError(f"batch sample {i}: the JPEG header says {int(h)}x{int(w)} but it decodes to "
-                                  f"{tuple(image.shape[1:])}; re-run `fastcd prepare`")
-        out = resized_crops(images, meta.to(dev, non_blocking=True), self.res, cfg.mean, cfg.std, self.ctx.dtype,
-                            self.ctx.channels_last)
-        return out, labels.to(dev, non_blocking=True)
+        images = decode_jpeg(list(batch.data.split(batch.lengths.tolist())), mode=ImageReadMode.RGB, device=dev)
+        event = None
+        if dev.type == "cuda":  # the buffer is free once the decode's reads of it are done
+            event = torch.cuda.Event()
+            event.record()
+        self.feed.release(batch, event)
+        _check_sizes(images, batch.rows)
+        out = resized_crops(images, batch.rows.to(dev, non_blocking=True), self.res, cfg.mean, cfg.std,
+                            self.ctx.dtype, self.ctx.channels_last)
+        return out, batch.labels.to(dev, non_blocking=True)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.device_decode:  # the workers start here, in this thread, before the decode thread does
-            yield from _prefetched(iter(self.loader), self._device_batch, self.ctx.device)
+        if self.device_decode:
+            plan = dataclasses.replace(self.plan, epoch=self.epoch, res=self.res)
+            self.feed.reset(self.ctx.device)
+            fed = staged(self.batch_indices(), lambda indices, stop: self.feed.batch(indices, plan, stop), PREFETCH,
+                         torch.device("cpu"), "fastcd-feed")
+            yield from staged(fed, self._decode, PREFETCH, self.ctx.device, "fastcd-decode")
             return
         for images, labels in self.loader:
             images = images.to(self.ctx.device, non_blocking=True)
             yield (normalize(images, self.cfg.mean, self.cfg.std, self.ctx.dtype, self.ctx.channels_last),
                    labels.to(self.ctx.device, non_blocking=True))
-
-
-def _prefetched(batches: Iterator[tuple], make: Callable[..., tuple[Tensor, Tensor]],
-                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """`make(*batch)` for each of `batches`, run `PREFETCH` batches ahead in a thread (on its own
-    CUDA stream, which the consumer's stream waits for). Errors are raised in the consumer; stopping
-    early stops the thread."""
-    cuda = device.type == "cuda"
-    side = torch.cuda.Stream(device) if cuda else None
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
-    stop = threading.Event()
-
-    def put(item: tuple) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-                for batch in batches:
-                    out = make(*batch)
-                    event = torch.cuda.Event() if cuda else None
-                    if cuda:
-                        event.record(side)
-                    if not put(("batch", out, event)):
-                        return
-        except BaseException as e:  # handed to the consumer, which raises it
-            put(("error", e, None))
-            return
-        put(("end", None, None))
-
-    thread = threading.Thread(target=produce, name="fastcd-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, item, event = ready.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            if cuda:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(event)
-                for t in item:
-                    t.record_stream(current)
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def shards_torch_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:

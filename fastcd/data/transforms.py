@@ -2,8 +2,8 @@
 
 Each executes crops that `crops.CropPlan` drew: `resized_crop_affine` crops, resizes and flips a batch
 of equal-sized images in one `grid_sample`; `resized_crops` does it for decoded images of different sizes
-(one Triton launch on a GPU, `roi_align` elsewhere). `center_crop` resizes the short side to res/ratio
-and crops the centre; `normalize` turns uint8 or float pixels (0-255) into the model's input.
+(one Triton launch on a GPU, `roi_align` elsewhere). `normalize` turns uint8 or float pixels (0-255) into
+the model's input.
 """
 from __future__ import annotations
 
@@ -32,19 +32,6 @@ def resized_crop_affine(images: Tensor, boxes: Tensor, res: int) -> Tensor:
     theta = theta.to(images.device, non_blocking=True)
     grid = F.affine_grid(theta, [n, images.shape[1], res, res], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def center_crop(images: Tensor, res: int, resize_ratio: float) -> Tensor:
-    """Resize the short side to round(res / resize_ratio) (antialiased) and crop the centre res x res."""
-    _, _, height, width = images.shape
-    short = round(res / resize_ratio)
-    if min(height, width) != short:
-        scale = short / min(height, width)
-        size = (max(short, round(height * scale)), max(short, round(width * scale)))
-        images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-    top = (images.shape[2] - res) // 2
-    left = (images.shape[3] - res) // 2
-    return images[:, :, top:top + res, left:left + res]
 
 
 @functools.cache

@@ -1,0 +1,190 @@
+"""The sample table written at prepare time and the host feed that reads it per batch: the table equals
+what the shards hold, an older folder is refused by name and upgraded once, the feed hands over the bytes,
+labels and crops of exactly the epoch's batches, reuses its buffers safely, and stops cleanly."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcd.config import DataConfig
+from fastcd.data import LoaderContext, build_loader
+from fastcd.data.crops import CropPlan
+from fastcd.data.feed import HostFeed, Stopped, staged
+from fastcd.data.prepared import ShardSamples, open_prepared
+from fastcd.data_prep.manifest import manifest_path
+from fastcd.data_prep.prepare import prepare
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, WIDTH, read_table, upgrade
+from fastcd.data_prep.shards import read_index
+from fastcd.data_prep.verify import verify
+from fastcd.errors import FastcdError
+from tests.test_loaders import smooth_image
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of images of odd, varied sizes (one greyscale), several shards, a source that also needs
+    re-encoding (a PNG): the writer's sizes must be the stored JPEGs' sizes."""
+    root = tmp_path_factory.mktemp("feed")
+    rng = np.random.default_rng()
+    for c in range(CLASSES):
+        folder = root / "src" / "train" / f"c{c}"
+        folder.mkdir(parents=True)
+        for i in range(9):
+            w, h = (int(v) for v in rng.integers(17, 130, 2))
+            img = smooth_image(rng, w, h)
+            if i == 0:
+                img.convert("L").save(folder / f"{i}.jpg", quality=90)
+            elif i == 1:
+                img.save(folder / f"{i}.png")
+            else:
+                img.save(folder / f"{i}.jpg", quality=90)
+    prepare(root / "src", root / "out", formats=["dali"], workers=1, shard_samples=5, progress=False, max_side=100)
+    return root / "out"
+
+
+def ctx(**kw) -> LoaderContext:
+    return LoaderContext(torch.device("cpu"), num_classes=CLASSES, **kw)
+
+
+def samples_of(path: Path) -> ShardSamples:
+    return ShardSamples(open_prepared(str(path), "train", ctx(), "dali"))
+
+
+def test_the_table_is_what_the_shards_hold(prepared: Path) -> None:
+    manifest = json.loads(manifest_path(prepared).read_text())
+    entry = manifest["splits"]["train"]
+    table = read_table(prepared / entry["samples"]["file"])
+    assert len(table) == entry["num_samples"] == 3 * 9
+    row = 0
+    for shard in entry["shards"]:
+        data = (prepared / shard["tar"]).read_bytes()
+        for sample in read_index(prepared / shard["index"]):
+            jpg, cls = sample["jpg"], sample["cls"]
+            width, height = Image.open(io.BytesIO(data[jpg.offset:jpg.offset + jpg.size])).size
+            assert (table[row, HEIGHT], table[row, WIDTH]) == (height, width)
+            assert table[row, LABEL] == int(data[cls.offset:cls.offset + cls.size])
+            row += 1
+    assert max(table[:, HEIGHT].max(), table[:, WIDTH].max()) <= 100  # the re-encoded, resized size
+    assert verify(prepared)["train"] == 27
+
+
+def test_a_damaged_table_is_found(prepared: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "out"
+    shutil.copytree(prepared, copy)
+    path = copy / "train" / "samples.npy"
+    table = read_table(path)
+    table[4, HEIGHT] += 1  # one size off: same file length
+    np.save(path, table)
+    with pytest.raises(FastcdError, match="sha256 differs"):
+        verify(copy)
+    table[4, LABEL] = CLASSES  # and a label out of range: refused when a loader opens it
+    np.save(path, table)
+    with pytest.raises(FastcdError, match="labels outside"):
+        samples_of(copy)
+
+
+def test_an_older_folder_is_refused_by_name_then_upgraded_once(prepared: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    manifest = json.loads(manifest_path(old).read_text())
+    del manifest["splits"]["train"]["samples"]
+    manifest_path(old).write_text(json.dumps(manifest))
+    (old / "train" / "samples.npy").unlink()
+    with pytest.raises(FastcdError, match=f"fastcd prepare --upgrade {old}"):
+        samples_of(old)
+    assert upgrade(old, progress=False) == ["train"]
+    assert upgrade(old, progress=False) == []
+    assert np.array_equal(read_table(old / "train" / "samples.npy"), read_table(prepared / "train" / "samples.npy"))
+    assert verify(old)["train"] == 27
+
+
+def test_gather_copies_each_jpeg_in_order(prepared: Path) -> None:
+    s = samples_of(prepared)
+    idx = np.array([26, 0, 13, 5, 5, 7])
+    out = np.zeros(int(s.length[idx].sum()) + 3, dtype=np.uint8)
+    lengths = s.gather(idx, out)
+    assert lengths.tolist() == s.length[idx].tolist()
+    assert out.tobytes()[:int(lengths.sum())] == b"".join(s.jpeg(int(i)).tobytes() for i in idx)
+
+
+def test_the_feed_hands_over_the_epochs_batches_with_their_crops(prepared: Path) -> None:
+    """Batches in the epoch's exact order (the global shuffle kept), each with its labels, bytes and the
+    crop rows CropPlan gives those samples; buffers are reused across batches, never while in use."""
+    cfg = DataConfig(backend="torch", path=str(prepared), batch_size=4, res=24, decode="device", workers=0)
+    loader = build_loader(cfg, "train", ctx(seed=3))
+    loader.set_epoch(2)
+    s = loader.samples
+    feed = HostFeed(s, slots=2, pin=False)
+    plan = CropPlan(True, 24, cfg.scale_min, cfg.val_resize_ratio, 3, 2)
+    seen, held = [], []
+    for indices in loader.batch_indices():
+        batch = feed.batch(indices, plan)
+        idx = indices.numpy()
+        assert batch.labels.tolist() == s.labels[idx].tolist()
+        assert torch.equal(batch.rows, plan.rows(indices, torch.from_numpy(s.heights[idx]),
+                                                 torch.from_numpy(s.widths[idx])))
+        jpegs = batch.data.split(batch.lengths.tolist())
+        assert all(bytes(j.numpy()) == s.jpeg(int(i)).tobytes() for j, i in zip(jpegs, idx))
+        seen += idx.tolist()
+        held.append(batch)
+        if len(held) == 2:  # both buffers in use: the next batch waits until one is released
+            feed.release(held.pop(0), None)
+    assert seen == torch.cat(loader.batch_indices()).tolist()
+    assert len({b.data_ptr() for b in feed.buffers}) == 2
+
+
+def test_a_full_ring_waits_and_a_stop_ends_the_wait(prepared: Path) -> None:
+    s = samples_of(prepared)
+    feed = HostFeed(s, slots=1, pin=False)
+    plan = CropPlan(True, 16, 0.35, 1.0, 0, 0)
+    feed.batch(torch.tensor([0, 1]), plan)  # holds the only buffer
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    with pytest.raises(Stopped):
+        feed.batch(torch.tensor([2]), plan, stop)
+    feed.reset(torch.device("cpu"))
+    assert feed.batch(torch.tensor([2]), plan).labels.tolist() == [int(s.labels[2])]
+
+
+def test_an_epoch_stopped_early_does_not_starve_the_next(prepared: Path) -> None:
+    cfg = DataConfig(backend="torch", path=str(prepared), batch_size=4, res=16, decode="device", workers=0)
+    loader = build_loader(cfg, "train", ctx())
+    for e in range(3):
+        loader.set_epoch(e)
+        it = iter(loader)
+        next(it)
+        it.close()
+    loader.set_epoch(3)
+    assert sum(len(y) for _, y in loader) == len(loader) * 4
+    assert not [t for t in threading.enumerate() if t.name in ("fastcd-feed", "fastcd-decode")]
+
+
+def test_staged_passes_errors_and_stops_its_source() -> None:
+    closed = threading.Event()
+
+    def source():
+        try:
+            yield from range(100)
+        finally:
+            closed.set()
+
+    def make(item: int, stop: threading.Event) -> int:
+        if item == 5:
+            raise ValueError("item 5 is bad")
+        return item * 2
+
+    got = []
+    with pytest.raises(ValueError, match="item 5 is bad"):
+        for x in staged(source(), make, 2, torch.device("cpu"), "test-stage"):
+            got.append(x)
+    assert got == [0, 2, 4, 6, 8] and closed.wait(5)
