@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of fastcd in one run of about 8 minutes on the bare GPU image (python3
-# with torch, torchvision and triton; no DALI, FFCV or network), then a summary.
+# Every GPU check and benchmark of fastcd in one run of at most 8 minutes on the bare GPU image (python3
+# with torch, torchvision and triton; no DALI, FFCV or network), then a summary. What nobody has measured
+# yet runs first, since a lease can end early.
 #
+#   bash bench/gpu_suite.sh --stage-data          # once, here: Fashion-MNIST into .gpu-data/ (ignored)
 #   bash bench/gpu_suite.sh [--out DIR] [--dry-run] [--only STEP,...]
 #
-# Steps, in order of value (a step that no longer fits in what is left of TOTAL seconds is skipped):
+# On the device tool: run `bash bench/gpu_suite.sh` with carry [".gpu-data"], so the demo has its data.
+# Steps, in order of value (a step that no longer fits in what is left of TOTAL seconds is skipped; every
+# wait inside the suite is bounded by its step's budget):
 #   install        fastcd into a throwaway venv over python3's packages (pip -e, offline, no deps)
 #   env            GPU name, Python.h, nvcc, one Triton launch, one batched nvjpeg decode (bench/gpu_check.py)
-#   kernel-tests   the Triton kernels (CD, GKD, crop) against their float64 references, on CUDA tensors,
+#   train-fed      a) the step fed by the torch backend's GPU decode against the same step on on-device
+#                  data, both compiled with CUDA graphs (ResNet-34 -> ResNet-18, batch 256, 176 px), on
+#                  photo-like JPEGs of 300-500 px (generated and prepared in the background meanwhile):
+#                  wall img/s, the data wait (CUDA events, and wall per step over the on-device step's),
+#                  peak host and GPU memory
+#   bench-feed     the host side of the feed alone (one core) beside the per-sample path and the loader
+#   demo           b) `fastcd demo` on the GPU, Fashion-MNIST from .gpu-data/: time and top-1 per row
+#   kernel-tests   c) the Triton kernels (CD, GKD, crop) against their float64 references, on CUDA tensors,
 #                  while the CUDA C++ extension builds in the background
 #   cuda-ext       the CUDA C++ extension's test (reusing that build)
 #   bench-kernels  eager vs torch.compile vs Triton vs CUDA C++, ResNet-18/34 stage shapes, both layouts
-#   bench-train    the step ablation, ResNet-34 -> ResNet-18, batch 256, 176 px, on-device data
-#   bench-loader   generated JPEGs (shards only), ImageFolder/PIL vs the torch backend's GPU decode
-#   bench-train-loaders  the same step fed by each loader
+#   bench-train    the step ablation, on-device data
+#   bench-loader   ImageFolder/PIL vs the torch backend's GPU decode, on the same JPEGs
 # Outputs, under --out (default $OUT, else a new temporary folder), at most 8 files, rewritten after
 # every step so a later failure or timeout loses nothing: summary.txt, steps.jsonl (one JSON line per
-# step), results.tar.gz (the benchmarks' JSON, markdown and PNG files), logs.tar.gz (one log per step).
+# step), results.tar.gz (the benchmarks' JSON, markdown and PNG files, the demo's table), logs.tar.gz
+# (one log per step).
 # --dry-run: the same steps at tiny sizes on the CPU, imitating the GPU image (fastcd imported only the
 # way this script installs it, ffcv and nvidia.dali unimportable); tests/test_gpu_suite.py runs it.
 # Environment: PYTHON (default python3), TOTAL seconds (default 470; dry run 600).
@@ -24,7 +35,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
-DRY=0
+DRY=0 STAGE=0
 OUTDIR=${OUT:-}
 ONLY=""
 while [ $# -gt 0 ]; do
@@ -32,11 +43,19 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUTDIR=${2:?--out needs a folder}; shift ;;
     --only) ONLY=${2:?--only needs step names}; shift ;;
+    --stage-data) STAGE=1 ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_suite: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+FMNIST_SYSTEM=/usr/share/datasets/fashion-mnist FMNIST=$ROOT/.gpu-data/fashion-mnist
+if [ $STAGE = 1 ]; then  # the idx files travel to the GPU machine in this ignored folder (the call's carry)
+  [ -d "$FMNIST_SYSTEM" ] || { echo "gpu_suite: $FMNIST_SYSTEM is missing: apt-get install dataset-fashion-mnist" >&2; exit 2; }
+  mkdir -p "$FMNIST" && cp -L "$FMNIST_SYSTEM"/*-idx*-ubyte* "$FMNIST"/ && du -sh "$FMNIST" && exit 0
+  exit 2
+fi
+[ $DRY = 1 ] && [ ! -d "$FMNIST" ] && FMNIST=$FMNIST_SYSTEM  # the CPU machines have the Debian package
 PYTHON=${PYTHON:-python3}
 TOTAL=${TOTAL:-$([ $DRY = 1 ] && echo 600 || echo 470)}
 [ -n "$OUTDIR" ] || OUTDIR=$(mktemp -d -t fastcd-gpu-suite.XXXX)
@@ -64,10 +83,15 @@ if [ $DRY = 1 ]; then
   TINY=(--set student.width=0.0625 --set teacher.width=0.0625 --set data.res=32 --set data.val_res=32
         --set data.batch_size=8 --set data.workers=2 --set data.train_subset=256)
   KERNELS=(--cpu) TRAIN=("${TINY[@]}" --steps 3 --warmup 1 --skip torch.compile) IMAGES=48 WORKERS=2
+  FED=("${TINY[@]}" --steps 3 --warmup 1) FEED=(--batch 8 --res 32 --repeats 1 --epochs 1)
   LOADER=(--res 32 --batch 8 --epochs 1)
-else
-  KERNELS=() TRAIN=(--set data.res=176 --set data.val_res=176 --steps 25 --warmup 8) IMAGES=4096 WORKERS=16
+  DEMO=(--epochs 1 --teacher-epochs 1 --train-subset 256 --set data.val_subset=512)
+else  # 16384 images: an epoch is 64 steps of 256, so the fed rows cross an epoch boundary
+  KERNELS=() TRAIN=(--set data.res=176 --set data.val_res=176 --steps 25 --warmup 8) IMAGES=16384 WORKERS=16
+  FED=(--set data.res=176 --set data.val_res=176 --steps 60 --warmup 12)
+  FEED=(--batch 256 --res 176 --repeats 3 --epochs 1)
   LOADER=(--res 176 --batch 256 --epochs 2)
+  DEMO=()
 fi
 
 pack() {  # the results and logs so far into OUTDIR, atomically
@@ -147,10 +171,6 @@ build_cuda_ext() {  # the CUDA C++ extension, JIT-compiled into TORCH_EXTENSIONS
   "$VPY" -c 'from fastcd.kernels.cd_cuda import load_jit; load_jit(); print("CUDA extension built")'
 }
 
-wait_for() {  # wait_for [PID]: until that background job ends (no PID: at once)
-  while [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; do sleep 1; done
-}
-
 export -f install_fastcd  # `timeout` runs programs: the function runs in `bash -c`
 export PYTHON W VPY DRY ROOT
 step install 90 bash -c install_fastcd
@@ -164,6 +184,12 @@ if ! grep -q '"step": "env", "status": "ok"' "$OUTDIR/steps.jsonl"; then
   exit 2
 fi
 
+# The JPEGs of the fed step are generated and prepared (shards only: no ffcv here) in the background on
+# all cores while nothing else runs; the CUDA C++ extension builds beside them (used by cuda-ext, later).
+(exec nice -n 5 "$VPY" -c "import sys; from pathlib import Path; from fastcd.bench.prepare import generated_dataset
+generated_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))" "$DATA" "$IMAGES" "$WORKERS" \
+  >"$LOGS/data-prep.log" 2>&1) &  # exec: DATA_PID is the Python process itself, so a kill reaches it
+DATA_PID=$!
 if [ $DRY = 1 ]; then  # the dry run proves the plumbing; compiling for sm_90 here takes minutes
   EXT_TEST=(-k hopper)
 else
@@ -171,30 +197,29 @@ else
   build_cuda_ext >"$LOGS/cuda-ext-build.log" 2>&1 &
   BUILD_PID=$!
 fi
+
+# a) the fed step against the on-device step (waits, bounded by its budget, for the data first)
+step train-fed 220 bash -c "while kill -0 $DATA_PID 2>/dev/null; do sleep 1; done
+  tail -n 3 '$LOGS/data-prep.log'
+  exec '$FASTCD' bench train '$CONFIG' --data loader --feed --data-path '$DATA' --images $IMAGES ${FED[*]} --out '$RESULTS'"
+step bench-feed 90 "$FASTCD" bench feed "$DATA" "${FEED[@]}" --out "$RESULTS"
+# b) time to accuracy: the demo on this machine, on the Fashion-MNIST that travelled with the tree
+step demo 120 bash -c "[ -d '$FMNIST' ] || { echo 'skipped: no $FMNIST (run bash bench/gpu_suite.sh --stage-data and carry .gpu-data)'; exit 1; }
+  '$FASTCD' demo --force --out '$W/demo' ${DEMO[*]} --set data.path='$FMNIST' || exit 1
+  mkdir -p '$RESULTS/demo' && cp '$W'/demo/*.md '$RESULTS/demo/'"
+# c) kernels and the step ablation, last
 PYTEST=("$VPY" -m pytest -o addopts="" -q -p no:cacheprovider)  # last line: "N passed in S s"
 step kernel-tests 120 "${PYTEST[@]}" -x -m "not slow" \
   tests/test_kernels_cd.py tests/test_kernels_gkd.py tests/test_kernels_crop.py
 step cuda-ext 90 bash -c "while [ -n '$BUILD_PID' ] && kill -0 '$BUILD_PID' 2>/dev/null; do sleep 1; done
   cat '$LOGS/cuda-ext-build.log' 2>/dev/null
   exec ${PYTEST[*]} -m slow tests/test_cuda_ext.py ${EXT_TEST[*]}"
-
-# The JPEGs for the decode steps are generated and prepared (shards only: no ffcv here) in the
-# background, on a quarter of the cores, while the GPU-bound kernel benchmark runs.
-(nice -n 10 "$VPY" -c "import sys; from pathlib import Path; from fastcd.bench.prepare import generated_dataset
-generated_dataset(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))" "$DATA" "$IMAGES" $(( (WORKERS + 3) / 4 )) \
-  >"$LOGS/data-prep.log" 2>&1) &
-DATA_PID=$!
-
 step bench-kernels 80 "$FASTCD" bench kernels "${KERNELS[@]}" --out "$RESULTS"
 step bench-train 170 "$FASTCD" bench train "$CONFIG" --ablation "${TRAIN[@]}" --out "$RESULTS"
-wait_for $DATA_PID
 step bench-loader 70 "$FASTCD" bench loader "$DATA" --backends imagefolder,torch --workers "$WORKERS" \
   --images "$IMAGES" "${LOADER[@]}" --out "$RESULTS"
-step bench-train-loaders 100 "$FASTCD" bench train "$CONFIG" --ablation --data loader --data-path "$DATA" \
-  --images "$IMAGES" "${TRAIN[@]}" --skip "torch.compile,CUDA graphs" --set data.workers="$WORKERS" \
-  --out "$RESULTS"
 
-wait_for "$BUILD_PID"
+kill $BUILD_PID $DATA_PID 2>/dev/null  # a build or data job the steps no longer wait for
 pack
 summary
 echo

@@ -271,6 +271,27 @@ def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str],
     return knobs
 
 
+def feed_knobs(data: PreparedData, cuda: bool) -> list[Knob]:
+    """`--feed`: the step on on-device data, then the same step fed by the torch backend decoding on the
+    device; both compiled with CUDA graphs on a GPU (eager on a CPU, where compiling costs more than it buys)."""
+    fast = ["train.compile=true"] if cuda else ["train.compile=false"]
+    return [Knob("on-device data", [*fast, "data.backend=synthetic"], kept=False, cuda_graphs=cuda),
+            Knob("torch loader, device decode", [*fast, "data.backend=torch", f"data.path={data.out}",
+                                                 "data.decode=device"], kept=False, cuda_graphs=cuda)]
+
+
+def feed_summary(rows: list[dict]) -> str:
+    """The fed step against the on-device step: img/s ratio and the data wait, from CUDA events (or the host
+    clock) and as wall time per step over the on-device step's. Adds `wait_ms_per_step` to the fed row."""
+    on_device, fed = rows
+    if on_device["status"] != "ok" or fed["status"] != "ok":
+        return "feed: a row failed; no comparison"
+    fed["wait_ms_per_step"] = round(fed["wall_ms_per_step"] - on_device["wall_ms_per_step"], 3)
+    return (f"fed step {fed['images_per_s']:.0f} img/s = {fed['images_per_s'] / on_device['images_per_s']:.2f}x the "
+            f"on-device step ({on_device['images_per_s']:.0f}); data wait {100 * fed['data_share']:.1f}% of the "
+            f"step (events), {fed['wait_ms_per_step']:.2f} ms per step over the on-device step (wall)")
+
+
 def _row_line(row: dict, base: float | None) -> str:
     if row["status"] != "ok":
         return f"| {row['knob']} | {row['status']}: {row['reason']} |" + " |" * 13
@@ -344,6 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate for --data loader")
     add_set_argument(parser, "config override (after the CPU size defaults)")
     parser.add_argument("--ablation", action="store_true", help="the original, then one knob at a time")
+    parser.add_argument("--feed", action="store_true", help="with --data loader: the step on on-device data, "
+                        "then fed by the torch backend's device decode (compiled, CUDA graphs on a GPU)")
     parser.add_argument("--skip", default="", help="comma list of ablation knobs to skip, e.g. torch.compile")
     add_out_argument(parser)
 
@@ -415,17 +438,26 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (50 if cuda else 20)
     warmup = args.warmup if args.warmup is not None else (15 if cuda else 3)
     data = prepared_data(args.data_path, args.images) if args.data == "loader" else None
-    if data and not args.ablation:
-        raise FastcdError("--data loader without --ablation: set data.backend/data.path with --set instead")
+    if args.feed and (args.ablation or not data):
+        raise FastcdError("--feed compares loader-fed and on-device steps: use it with --data loader, "
+                          "without --ablation")
+    if data and not (args.ablation or args.feed):
+        raise FastcdError("--data loader without --ablation or --feed: set data.backend/data.path with --set instead")
     cfg, overrides = _base_config(args, cuda, data)
     with tempfile.TemporaryDirectory(prefix="fastcd-bench-teacher-cache-") as cache_dir:
-        knobs = ablation(cfg, cuda, data, set(filter(None, args.skip.split(","))), Path(cache_dir)) \
-            if args.ablation else [Knob("config")]
+        if args.feed:
+            knobs = feed_knobs(data, cuda)
+        elif args.ablation:
+            knobs = ablation(cfg, cuda, data, set(filter(None, args.skip.split(","))), Path(cache_dir))
+        else:
+            knobs = [Knob("config")]
         rows = run_knobs(knobs, args.config, overrides, warmup, steps)
     text = table(rows)
     print("\n" + text)
+    if args.feed:
+        print(feed_summary(rows))
     ok = [r for r in rows if r["status"] == "ok"]
-    best = max(ok[1:], key=lambda r: r["vs_previous"], default=None)
+    best = max(ok[1:], key=lambda r: r["vs_previous"], default=None) if args.ablation else None
     if best:
         print(f"\nknob that bought the most: {best['knob']} ({best['vs_previous']:.2f}x over the row before)")
     settings = {"config": str(args.config), "overrides": overrides, "data": args.data, "steps": steps,
@@ -433,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
                 "warmup": warmup, "batch": cfg.data.batch_size, "res": cfg.data.res,
                 "student": f"{cfg.student.arch} x{cfg.student.width}",
                 "teacher": f"{cfg.teacher.arch} x{cfg.teacher.width}" if cfg.teacher else None}
-    path = record("train", {**settings, "ablation": args.ablation, "rows": rows,
+    path = record("train-feed" if args.feed else "train", {**settings, "ablation": args.ablation, "rows": rows,
                             "best_knob": best["knob"] if best else None},
                   args.out)
     write_report({**machine_info(), **settings, "ablation": args.ablation, "rows": rows}, path)

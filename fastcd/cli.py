@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 BENCHES: dict[str, tuple[str, str]] = {
     "prepare": ("fastcd.bench.prepare", "dataset conversion: FFCV writer vs shard writer vs both"),
     "loader": ("fastcd.bench.loader", "images/s of each loader backend vs the raw libraries"),
+    "feed": ("fastcd.bench.feed", "the host side of the GPU feed alone, per core, vs the per-sample path"),
     "kernels": ("fastcd.bench.kernels", "fused distillation-loss kernels vs eager and torch.compile"),
     "train": ("fastcd.bench.train", "images/s of the full distillation step, with an ablation of knobs"),
 }
