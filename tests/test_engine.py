@@ -200,7 +200,8 @@ def test_resume_applies_optimizer_overrides(tiny_config):
     ("data.val_subset=32", "data.val_subset 64 -> 32; this cannot change"),  # best.pt would compare other sets
     ("data.flip_tta=true", "data.flip_tta False -> True"),
     ("data.train_subset=260", "data.train_subset 256 -> 260"),  # the same steps per epoch, another training set
-    ("loss_list.1={loss_name: KDLoss, T: 2}", r"loss_list.loss_name \['CELoss', 'KDLossv2', 'CDLoss'\] -> \['CELoss', 'KDLoss'"),
+    ("loss_list.1={loss_name: KDLoss, T: 2}",
+     r"loss_list.loss_name \['CELoss', 'KDLossv2', 'CDLoss'\] -> \['CELoss', 'KDLoss'"),
 ])
 def test_resume_refuses_overrides_it_cannot_apply_by_name(tiny_config, override, names):
     base = ("train.epochs=2", "train.max_steps_per_epoch=3")
@@ -400,11 +401,17 @@ def test_a_full_disk_while_checkpointing_is_a_one_line_error_that_keeps_the_last
 
 def test_an_output_folder_that_is_a_file_is_a_one_line_error(tiny_config, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(FastcdError, match=r"train.out_dir '.*file' is a file, not a folder"):
-        train(tiny_config(f"train.out_dir={tmp_path / 'file'}"))
-    with pytest.raises(FastcdError, match=r"cannot create folder '.*file/run': '.*file' is a file"):
-        train(tiny_config(f"train.out_dir={tmp_path / 'file' / 'run'}", "train.epochs=1",
-                          "train.max_steps_per_epoch=1"))
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(FastcdError, match=f"cannot create folder '{out}': '{tmp_path / 'file'}' is a file"):
+            train(tiny_config(f"train.out_dir={out}"))
+
+
+def test_an_atomic_output_under_a_file_is_a_one_line_error(tmp_path):
+    from fastcd.utils.atomic import atomic_write_json
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FastcdError, match="cannot create folder '.*file/sub': '.*file' is a file"):
+        atomic_write_json(tmp_path / "file" / "sub" / "table.json", {})
 
 
 def test_cache_teacher_out_that_is_a_file_is_a_one_line_error(tiny_config, tmp_path, capsys):
@@ -509,8 +516,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tiny
     assert not (cfg.out_path / "latest.pt").exists() and (cfg.out_path / "config.yaml").is_file()
     with pytest.raises(FastcdError, match="stopped before its first checkpoint: start it again without --resume"):
         train(cfg, resume=True)
-    with pytest.raises(FastcdError, match=r"holds the start of a run with another config and no checkpoint "
-                                          r"\(metrics.jsonl, config.yaml, run.json\); replace it with --force"):
+    with pytest.raises(FastcdError, match=r"already holds a run of another config that stopped before its "
+                                          r"first checkpoint \(metrics.jsonl, config.yaml, run.json\); replace "
+                                          r"it with --force"):
         train(tiny_config("train.epochs=1", "train.max_steps_per_epoch=2", "optim.lr=0.01"))
     assert [r["epoch"] for r in train(cfg)] == [1]  # the same config starts again in its folder
     steps = [json.loads(x) for x in (cfg.out_path / "metrics.jsonl").read_text().splitlines()]

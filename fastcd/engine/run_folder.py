@@ -19,7 +19,7 @@ import yaml
 
 from fastcd.config import Config
 from fastcd.errors import FastcdError
-from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json
+from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json, check_dir_possible
 from fastcd.utils.machine import machine_info
 
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "run.json", "tensorboard")
@@ -41,8 +41,7 @@ def check_run_folder(cfg: Config, resume: bool, force: bool) -> None:
     run into a folder that holds another run is an error unless `force`. A folder whose run stopped before its
     first checkpoint (no latest.pt) holds nothing to keep: the same config starts in it again."""
     out = cfg.out_path
-    if out.exists() and not out.is_dir():
-        raise FastcdError(f"train.out_dir {str(out)!r} is a file, not a folder; set train.out_dir elsewhere")
+    check_dir_possible(out)
     if resume:
         if force:
             raise FastcdError("--resume continues the run in its folder, --force deletes that run and starts "
@@ -59,8 +58,9 @@ def check_run_folder(cfg: Config, resume: bool, force: bool) -> None:
         config = out / "config.yaml"
         if config.is_file() and config.read_text() == _resolved(cfg):
             return
-        raise FastcdError(f"run folder {str(out)!r} holds the start of a run with another config and no checkpoint "
-                          f"({', '.join(found)}); replace it with --force (or set train.out_dir elsewhere)")
+        raise FastcdError(f"run folder {str(out)!r} already holds a run of another config that stopped before its "
+                          f"first checkpoint ({', '.join(found)}); replace it with --force (or set train.out_dir "
+                          "elsewhere)")
     raise FastcdError(f"run folder {str(out)!r} already holds a run ({', '.join(found)}); continue it with "
                       "--resume, or replace it with --force (or set train.out_dir elsewhere)")
 

@@ -28,15 +28,19 @@ def disk_full_as_error(path: str | os.PathLike) -> Iterator[None]:
                           "run again") from None
 
 
+def check_dir_possible(folder: str | os.PathLike) -> None:
+    """A one-line error if a file stands where `folder` or one of its parents should be."""
+    folder = Path(folder)
+    in_the_way = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise FastcdError(f"cannot create folder {str(folder)!r}: {str(in_the_way)!r} is a file; "
+                          "choose another output folder")
+
+
 def make_dir(folder: str | os.PathLike) -> None:
     """Create `folder` (and its parents); a file in the way is a one-line error."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        in_the_way = next(p for p in (folder, *folder.parents) if p.exists() and not p.is_dir())
-        raise FastcdError(f"cannot create folder {str(folder)!r}: {str(in_the_way)!r} is a file; "
-                          "choose another output folder") from None
+    check_dir_possible(folder)
+    Path(folder).mkdir(parents=True, exist_ok=True)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
