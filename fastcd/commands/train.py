@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
     parser.add_argument("--force", action="store_true",
-                        help="start afresh in a run folder that holds another run (its files are removed)")
+                        help="start afresh in a run folder that holds another run (its files are removed once "
+                        "every input of the new run is checked; not with --resume)")
     parser.add_argument("--stop-after", type=at_least_one, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
 

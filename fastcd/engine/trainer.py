@@ -4,7 +4,8 @@ runtime -> data -> models -> losses -> optimizer -> schedules -> resume -> DDP -
 Every `train.log_every` steps it records the interval's losses, loss weights, lr, images/s and data wait,
 and after each epoch's evaluation the epoch's record (`<out>/metrics.jsonl`, the console and, with
 `train.tensorboard`, TensorBoard: `fastcd.engine.sinks`). Each epoch's `latest.pt` is written (atomically)
-before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far.
+before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far. Nothing
+in the run folder changes (not even under `--force`) before every input the session reads has been checked.
 """
 from __future__ import annotations
 
