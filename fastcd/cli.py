@@ -6,10 +6,15 @@ A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from types import FrameType
 
-from fastcd.errors import FastcdError
+from fastcd.errors import FastcdError, Terminated
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fastcd.commands.train", "train a student (optionally distilled) from a YAML config"),
@@ -49,6 +54,28 @@ def _error_line(text: str) -> None:
     sys.stderr.flush()
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises `Terminated` (in the main thread: signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _stopped(prog: str, name: str, what: str, e: BaseException) -> None:
+    """The one line of a command stopped by a signal, with what the command added (e.g. its last checkpoint)."""
+    _error_line(f"{prog} {name}: {what}{'; ' + str(e) if str(e) else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fastcd` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -64,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(f"{prog}: error: unknown command {name!r}; choose from {', '.join(table)}")
         return 2
     try:
-        return _run_module(table[name][0], f"{prog} {name}", rest)
+        with _sigterm_raises():
+            return _run_module(table[name][0], f"{prog} {name}", rest)
     except FastcdError as e:
         _error_line(f"{prog} {name}: error: {e}")
         return 2
-    except KeyboardInterrupt:
-        _error_line(f"{prog} {name}: interrupted")
+    except KeyboardInterrupt as e:
+        _stopped(prog, name, "interrupted", e)
         return 130
+    except Terminated as e:
+        _stopped(prog, name, "terminated (SIGTERM)", e)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

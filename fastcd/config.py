@@ -331,7 +331,10 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         if "=" not in pair:
             raise FastcdError(f"--set {pair!r}: expected key=value, e.g. train.epochs=16")
         key, text = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+        try:
+            out.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+        except yaml.YAMLError as e:
+            raise FastcdError(f"--set {pair!r}: the value is not valid YAML{_yaml_where(e)}") from None
     return out
 
 
@@ -342,6 +345,17 @@ def add_set_argument(parser: argparse.ArgumentParser, help: str = "override a co
                              "--set train.epochs=16 loss_list.1.T=4 (optim.milestones, optim.step_size and the "
                              "loss-decay milestones count epochs of the preset's 100 (imagenet) or 200 (cifar) "
                              "and scale with train.epochs)")
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (`--epochs 0` is refused, not read as "the default")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def drop_overrides_into_null(path: str | Path, overrides: list[str]) -> list[str]:
@@ -376,6 +390,15 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """Where and what a YAML error is: ' at line L, column C: problem (context)' (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: {problem}{f' ({context})' if context else ''}"
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file's mapping, merged over the file its `base:` key names (relative to it)."""
     if not path.is_file():
@@ -385,7 +408,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise FastcdError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise FastcdError(f"config file {str(path)!r} is not valid YAML{_yaml_where(e)}") from None
     if not isinstance(raw, dict):
         raise FastcdError(f"config file {str(path)!r} must hold a mapping at the top level")
     base = raw.pop("base", None)

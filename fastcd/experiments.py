@@ -151,7 +151,7 @@ def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, 
                 and (history := finished_run(cfg)) is not None}
     for _, _, cfg in plan:
         if id(cfg) not in reusable:
-            check_run_folder(cfg.out_path, resume=False, force=force)
+            check_run_folder(cfg, resume=False, force=force)
     results = []
     for seed, exp, cfg in plan:
         where = "" if seed is None else f", seed {seed}"

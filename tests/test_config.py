@@ -68,6 +68,24 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("text,where", [
+    ("name: x\ntrain:\n  epochs: 3\n   seed: 1\n", "line 4, column 8: mapping values are not allowed here"),
+    ("name: x\ndata: {path: a\n", "line 3, column 1: expected ',' or '}', but got '<stream end>'"),
+    ("a: 'open\n", "line 2, column 1: found unexpected end of stream"),
+])
+def test_a_yaml_syntax_error_keeps_its_line_and_column(tmp_path, text, where):
+    """The error used to keep only the first line of PyYAML's message, which has no position."""
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(FastcdError) as info:
+        load_config(tmp_path / "bad.yaml")
+    assert where in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_override_that_is_not_yaml_is_a_one_line_error():
+    with pytest.raises(FastcdError, match=r"--set 'optim.milestones=\[30, 60': the value is not valid YAML at line 1"):
+        config_from_dict({}, ["optim.milestones=[30, 60"])
+
+
 def test_a_field_inside_a_null_section_is_an_error_naming_it():
     """`--set teacher.x=...` on a student-only config used to create a default ResNet-34 teacher."""
     baseline = Path(__file__).resolve().parents[1] / "configs/imagenet/s_resnet18.baseline.yaml"

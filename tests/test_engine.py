@@ -60,9 +60,9 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_config):
 def test_impossible_resume_is_an_error(tiny_config):
     cfg = tiny_config("train.epochs=2")
     train(cfg, stop_after_epoch=1)
-    with pytest.raises(FastcdError, match="cannot resume.*its student is .*resnet18.*the config's is .*resnet34"):
+    with pytest.raises(FastcdError, match="cannot resume.*student.arch 'resnet18' -> 'resnet34'; this cannot change"):
         train(tiny_config("train.epochs=2", "student.arch=resnet34"), resume=True)
-    with pytest.raises(FastcdError, match="checkpoint .*latest.pt' does not exist"):
+    with pytest.raises(FastcdError, match="checkpoint .*latest.pt' does not exist .no run was started"):
         train(tiny_config(f"train.out_dir={cfg.out_path}-other"), resume=True)
 
 
@@ -174,7 +174,7 @@ def test_checkpoints_are_loaded_weights_only(tmp_path):
             return pathlib.Path.touch, (marker,)
 
     torch.save({"format": "fastcd-checkpoint-v1", "model": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(FastcdError, match="cannot be read"):
+    with pytest.raises(FastcdError, match="evil.pt' is not a fastcd checkpoint: the weights-only unpickler refused"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -197,6 +197,11 @@ def test_resume_applies_optimizer_overrides(tiny_config):
     ("train.seed=9", "train.seed"),
     ("data.batch_size=128", "steps per epoch .*data.batch_size 32 -> 128"),
     ("train.max_steps_per_epoch=1", "steps per epoch .*train.max_steps_per_epoch"),
+    ("data.val_subset=32", "data.val_subset 64 -> 32; this cannot change"),  # best.pt would compare other sets
+    ("data.flip_tta=true", "data.flip_tta False -> True"),
+    ("data.train_subset=260", "data.train_subset 256 -> 260"),  # the same steps per epoch, another training set
+    ("loss_list.1={loss_name: KDLoss, T: 2}",
+     r"loss_list.loss_name \['CELoss', 'KDLossv2', 'CDLoss'\] -> \['CELoss', 'KDLoss'"),
 ])
 def test_resume_refuses_overrides_it_cannot_apply_by_name(tiny_config, override, names):
     base = ("train.epochs=2", "train.max_steps_per_epoch=3")
@@ -316,3 +321,238 @@ def test_data_wait_sees_gpu_work_the_host_does_not_wait_for():
     torch.cuda._sleep(200_000_000)  # a GPU loader's enqueued work: the host returns at once
     wait.stop()
     assert wait.read() > 0.01
+
+
+# --- issue 19: checks before anything is deleted, durable checkpoints, one-line errors, quiet traps ---
+
+
+def _teacher_checkpoint(path: Path) -> str:
+    """A fastcd checkpoint of an untrained tiny ResNet-34 (the tiny config's teacher), as teacher weights."""
+    from fastcd.config import config_from_dict
+    from fastcd.models import build_resnet
+    from fastcd.utils.checkpoint import save_checkpoint
+
+    t = tiny_dict("")["teacher"]
+    cfg = config_from_dict({"student": {k: v for k, v in t.items() if k != "weights"}, "teacher": None})
+    save_checkpoint(path, {"config": cfg.to_dict(), "model": build_resnet("resnet34", 4, "cifar", 0.0625).state_dict()})
+    return str(path)
+
+
+def test_force_checks_every_cached_epoch_before_deleting_the_previous_run(tiny_config, tmp_path):
+    """A damaged cache epoch used to be found when that epoch started: after --force had deleted the old run
+    and training had replaced its checkpoint."""
+    losses = "loss_list=[{loss_name: CELoss}, {loss_name: CDLoss, loss_rate: 6}]"
+    base = ("train.epochs=2", "train.max_steps_per_epoch=2", losses,
+            f"teacher.weights={_teacher_checkpoint(tmp_path / 'teacher.pt')}")
+    src = tmp_path / "src.yaml"
+    src.write_text(yaml.safe_dump(tiny_config(*base).to_dict()))
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    old = tiny_config(*base)
+    train(old)
+    before = {name: (old.out_path / name).read_bytes() for name in ("latest.pt", "best.pt", "metrics.jsonl")}
+    (cache / "epoch-0001" / "means.npy").write_bytes(b"")  # the second epoch's file is damaged
+    with pytest.raises(FastcdError, match=r"epoch-0001.*cannot be read"):
+        train(tiny_config(*base, f"teacher.cache={cache}"), force=True)
+    assert {name: (old.out_path / name).read_bytes() for name in before} == before
+
+
+def test_checkpoints_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """After a power loss, a renamed but unsynced latest.pt can be empty and has already replaced the good one."""
+    from fastcd.utils.checkpoint import save_checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    save_checkpoint(tmp_path / "latest.pt", {"model": {"w": torch.ones(3)}})
+    (_, synced), (_, tmp, target), (_, folder) = events
+    assert synced == tmp and tmp.startswith(str(tmp_path / ".latest.pt.")) and target == str(tmp_path / "latest.pt")
+    assert folder == str(tmp_path) and len(events) == 3
+
+
+@pytest.mark.parametrize("failure", ["enospc", "dev_full"])
+def test_a_full_disk_while_checkpointing_is_a_one_line_error_that_keeps_the_last_checkpoint(tiny_config, monkeypatch,
+                                                                                           failure):
+    """torch.save on a full disk used to end the run with torch's `enforce fail ... unexpected pos` traceback."""
+    import builtins
+    import errno
+
+    import fastcd.utils.checkpoint as checkpoint
+
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=2")
+    train(cfg, stop_after_epoch=1)
+    good = (cfg.out_path / "latest.pt").read_bytes()
+    if failure == "enospc":  # what torch.save does when a write fails: some bytes out, then the OSError
+        def save(obj, f):
+            f.write(b"PK\x03\x04")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(checkpoint.torch, "save", save)
+    else:  # torch's own writer, on a device that is always full
+        if not os.path.exists("/dev/full"):
+            pytest.skip("needs /dev/full")
+        monkeypatch.setattr(checkpoint, "open", lambda path, mode: builtins.open("/dev/full", mode), raising=False)
+    with pytest.raises(FastcdError, match=r"^no space left writing '.*latest.pt' \(No space left on device\)"):
+        train(cfg, resume=True)
+    assert (cfg.out_path / "latest.pt").read_bytes() == good
+    assert not list(cfg.out_path.glob(".latest.pt.*"))  # no temporary file left behind
+
+
+def test_an_output_folder_that_is_a_file_is_a_one_line_error(tiny_config, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(FastcdError, match=f"cannot create folder '{out}': '{tmp_path / 'file'}' is a file"):
+            train(tiny_config(f"train.out_dir={out}"))
+
+
+def test_an_atomic_output_under_a_file_is_a_one_line_error(tmp_path):
+    from fastcd.utils.atomic import atomic_write_json
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FastcdError, match="cannot create folder '.*file/sub': '.*file' is a file"):
+        atomic_write_json(tmp_path / "file" / "sub" / "table.json", {})
+
+
+def test_cache_teacher_out_that_is_a_file_is_a_one_line_error(tiny_config, tmp_path, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config("train.epochs=1").to_dict()))
+    (tmp_path / "file").write_text("x")
+    assert main(["cache-teacher", str(cfg_path), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create folder" in err and "is a file" in err and err.count("\n") == 1
+
+
+def test_eval_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    """A whole pickled module used to print torch's 6-line advice to load it with weights_only=False."""
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    (tmp_path / "text.pt").write_text("hello\n")
+    for name in ("module.pt", "text.pt"):
+        assert main(["eval", str(cfg_path), "--checkpoint", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}' is not a fastcd checkpoint" in err and err.count("\n") == 1, err
+
+
+def test_sigterm_is_reported_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """SIGTERM used to end the process with status 143 and nothing printed."""
+    import signal
+    import time
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
+    proc = subprocess.Popen([sys.executable, "-m", "fastcd.cli", "train", str(cfg_path), "--set", "train.epochs=50",
+                             "train.max_steps_per_epoch=2"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "latest.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    latest = str(tmp_path / "run" / "latest.pt")
+    assert err.strip().splitlines()[-1] == (f"fastcd train: terminated (SIGTERM); the last checkpoint is {latest!r} "
+                                            "(continue with --resume)")
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["epoch"] >= 1
+
+
+@pytest.mark.parametrize("command,options", [
+    ("fastcd.commands.cache_teacher", ["config.yaml", "--epochs", "0"]),
+    ("fastcd.commands.demo", ["--epochs", "0"]),
+    ("fastcd.commands.demo", ["--teacher-epochs", "0"]),
+    ("fastcd.commands.repro", ["fashion-mnist", "--epochs", "0"]),
+    ("fastcd.commands.train", ["config.yaml", "--stop-after", "0"]),
+])
+def test_zero_epochs_is_refused_not_read_as_the_default(command, options, capsys):
+    """`--epochs 0` used to fall back to the default (`args.epochs or ...`) and train or cache epochs anyway."""
+    import argparse
+    import importlib
+
+    parser = argparse.ArgumentParser()
+    importlib.import_module(command).add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(options)
+    assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_session_with_nothing_to_train_is_refused_and_leaves_the_folder_alone(tiny_config):
+    """`--resume --stop-after 2` at epoch 2 used to train epoch 3; `--resume` with fewer train.epochs trained
+    nothing but rewrote config.yaml and run.json."""
+    base = ("train.epochs=3", "train.max_steps_per_epoch=1")
+    cfg = tiny_config(*base)
+    train(cfg, stop_after_epoch=2)
+    files = {p.name: p.read_bytes() for p in cfg.out_path.iterdir()}
+    cases = [((), 2, r"--stop-after 2: the run in '.*run' is already at epoch 2; nothing to train"),
+             ((), 1, r"--stop-after 1: the run .* is already at epoch 2"),
+             (("train.epochs=1",), None, r"train.epochs=1 but the run in '.*run' is already at epoch 2: nothing to "
+                                         r"train, the folder is left as it is"),
+             (("train.epochs=2",), None, r"has finished its train.epochs=2 epochs: nothing to train")]
+    for overrides, stop, message in cases:
+        with pytest.raises(FastcdError, match=message):
+            train(tiny_config(*base, *overrides), resume=True, stop_after_epoch=stop)
+        assert {p.name: p.read_bytes() for p in cfg.out_path.iterdir()} == files
+    assert [r["epoch"] for r in train(cfg, resume=True, stop_after_epoch=3)] == [1, 2, 3]
+
+
+def test_resume_and_force_together_are_refused(tiny_config):
+    cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=1")
+    train(cfg, stop_after_epoch=1)
+    first = (cfg.out_path / "latest.pt").read_bytes()
+    with pytest.raises(FastcdError, match="--resume continues the run .* --force deletes that run .* not both"):
+        train(cfg, resume=True, force=True)
+    assert (cfg.out_path / "latest.pt").read_bytes() == first
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_can_be_started_again(tiny_config, monkeypatch):
+    """Its folder (config.yaml, run.json, metrics.jsonl, no checkpoint) used to be refused by a plain rerun and
+    unusable by --resume."""
+    cfg = tiny_config("train.epochs=1", "train.max_steps_per_epoch=2", "train.log_every=1")
+    real = CELoss.forward
+    monkeypatch.setattr(CELoss, "forward", lambda self, s, y: s.float().sum() * float("nan"))
+    with pytest.raises(FastcdError, match="non-finite loss at epoch 1, step 1.*no checkpoint yet"):
+        train(cfg)
+    monkeypatch.setattr(CELoss, "forward", real)
+    assert not (cfg.out_path / "latest.pt").exists() and (cfg.out_path / "config.yaml").is_file()
+    with pytest.raises(FastcdError, match="stopped before its first checkpoint: start it again without --resume"):
+        train(cfg, resume=True)
+    with pytest.raises(FastcdError, match=r"already holds a run of another config that stopped before its "
+                                          r"first checkpoint \(metrics.jsonl, config.yaml, run.json\); replace "
+                                          r"it with --force"):
+        train(tiny_config("train.epochs=1", "train.max_steps_per_epoch=2", "optim.lr=0.01"))
+    assert [r["epoch"] for r in train(cfg)] == [1]  # the same config starts again in its folder
+    steps = [json.loads(x) for x in (cfg.out_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r.get("step")) for r in steps] == [("step", 1), ("step", 2), ("epoch", None)]
+
+
+def test_an_empty_config_says_data_path_is_unset(tmp_path, capsys):
+    """It used to fail on "dataset folder 'train' does not exist"."""
+    (tmp_path / "empty.yaml").write_text("")
+    assert main(["train", str(tmp_path / "empty.yaml"), "--set", f"train.out_dir={tmp_path / 'run'}",
+                 "teacher=null", "student.width=0.0625"]) == 2
+    err = capsys.readouterr().err
+    assert "data.path is empty" in err and err.count("\n") == 1
+
+
+def test_every_config_field_is_either_kept_or_changeable_on_resume():
+    """One explicit list: a new config field must be placed in exactly one of them."""
+    import dataclasses
+    import typing
+
+    from fastcd.config import Config, LossSpec
+    from fastcd.engine.resume import CHANGEABLE, KEPT, STEP_FIELDS
+
+    def leaves(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            if dataclasses.is_dataclass(tp) or inner:
+                yield from leaves(tp if dataclasses.is_dataclass(tp) else inner[0], f"{f.name}.")
+            elif f.name == "loss_list":
+                yield from (f"loss_list.{g.name}" for g in dataclasses.fields(LossSpec))
+            else:
+                yield prefix + f.name
+
+    fields = list(leaves(Config, ""))
+    placed = [*KEPT, *STEP_FIELDS, *CHANGEABLE]
+    assert sorted(placed) == sorted(fields) and len(set(placed)) == len(placed)

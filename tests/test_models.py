@@ -92,7 +92,7 @@ def test_teacher_checkpoint_of_wrong_architecture_is_an_error(tmp_path):
     with pytest.raises(FastcdError, match="arch 'resnet18' \\(config wants 'resnet34'\\)"):
         load_teacher(TeacherConfig("resnet34", "cifar", 0.125, 10, weights=str(tmp_path / "t.pt")))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FastcdError, match="cannot be read"):
+    with pytest.raises(FastcdError, match="junk.pt' is not a fastcd checkpoint"):
         load_teacher(TeacherConfig("resnet34", "cifar", 0.125, 10, weights=str(tmp_path / "junk.pt")))
 
 

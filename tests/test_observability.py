@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -61,3 +62,40 @@ def test_tensorboard_asked_for_but_not_installed_is_a_one_line_error(tiny_config
     with pytest.raises(FastcdError, match=r"train.tensorboard=true needs the tensorboard package \(pip install"):
         train(cfg)
     assert not (cfg.out_path / "latest.pt").exists()
+
+
+def test_metrics_agree_with_the_checkpoint_after_a_crash_between_them(tiny_config, monkeypatch):
+    """The epoch's record is appended after its evaluated checkpoint: a crash between the two used to lose
+    the record for good, as a resume kept the log as it was up to the checkpoint's epoch."""
+    from fastcd.engine.sinks import MetricsLog
+
+    cfg = tiny_config("train.epochs=3", "train.max_steps_per_epoch=2", "train.log_every=1")
+    real = MetricsLog.epoch
+
+    def crash_at_epoch_2(self, record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt  # after latest.pt holds the evaluated epoch 2
+        real(self, record)
+
+    monkeypatch.setattr(MetricsLog, "epoch", crash_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(MetricsLog, "epoch", real)
+    history = train(cfg, resume=True)
+    lines = records(cfg)
+    assert [(r["kind"], r.get("step", r["epoch"])) for r in lines] == [
+        ("step", 1), ("step", 2), ("epoch", 1), ("step", 3), ("step", 4), ("epoch", 2), ("step", 5), ("step", 6),
+        ("epoch", 3)]
+    assert [r for r in lines if r["kind"] == "epoch"] == history
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_while_logging_is_a_one_line_error(tiny_config, monkeypatch):
+    """Appending to metrics.jsonl on a full disk used to end in an OSError traceback."""
+    import builtins
+
+    import fastcd.engine.sinks as sinks
+
+    monkeypatch.setattr(sinks, "open", lambda path, *args, **kw: builtins.open("/dev/full", *args, **kw), raising=False)
+    with pytest.raises(FastcdError, match=r"no space left writing '.*metrics.jsonl' \(No space left on device\)"):
+        train(tiny_config("train.epochs=1", "train.max_steps_per_epoch=2"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ class CacheReader:
             folder = epoch_dir(self.root, epoch)
             try:
                 arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in self.contents.arrays()}
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
                 raise FastcdError(f"teacher cache epoch {str(folder)!r} cannot be read ({e})") from None
             for name, array in arrays.items():
                 cols, dtype = self.contents.arrays()[name]
@@ -181,6 +181,12 @@ class CacheReader:
                                       f"{(self.manifest['samples'], cols)} {dtype}: the cache is damaged")
             self._open = {epoch: arrays}  # one epoch mapped at a time
         return self._open[epoch]
+
+    def check(self, epochs: Iterable[int]) -> None:
+        """Each of `epochs` is finished and its files hold the manifest's shapes: a one-line error if not, found
+        before a run deletes or trains anything rather than when the epoch starts."""
+        for epoch in sorted(set(epochs)):
+            self._arrays(epoch)
 
     def batches(self, epoch: int, batch_indices: Sequence[Tensor], device: torch.device) -> Iterator[TeacherTargets]:
         """The targets of each batch of `batch_indices` (sample indices) of cache epoch `epoch`."""

@@ -19,6 +19,7 @@ from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class
 from fastcd.models import teacher_targets
 from fastcd.models.teacher import build_teacher, stage_channels, weights_sha256
+from fastcd.utils.atomic import make_dir
 
 FLUSH_EVERY = 20  # batches between flushes of the arrays and progress.json
 
@@ -79,7 +80,7 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
                               "--out, or --force to rebuild it")
         manifest["epochs_done"] = [e for e in old["epochs_done"] if e < epochs]  # resumed (or extended)
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out)
         for stale in out.glob("epoch-*"):
             shutil.rmtree(stale)
     write_manifest(out, manifest)

@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 
 from fastcd.cache.write import contents_for, default_out, write_cache
-from fastcd.config import add_set_argument, load_config
+from fastcd.config import add_set_argument, at_least_one, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML whose teacher, data and crops the cache is for")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of crops (default: train.epochs)")
+    parser.add_argument("--epochs", type=at_least_one, default=None, help="epochs of crops (default: train.epochs)")
     parser.add_argument("--logits", default=None, metavar="full|topk=K|none",
                         help="logits to store (default: full when a loss of the config reads them, else none)")
     parser.add_argument("--embed", action=argparse.BooleanOptionalAction, default=None,
@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else default_out(cfg)
     contents = contents_for(cfg, args.logits, args.embed, args.dtype)
-    manifest = write_cache(cfg, out, args.epochs or cfg.train.epochs, contents, args.force)
+    epochs = args.epochs if args.epochs is not None else cfg.train.epochs
+    manifest = write_cache(cfg, out, epochs, contents, args.force)
     digest = manifest["identity"]["teacher"]["weights_sha256"]
     print(f"{out}: {manifest['epochs']} epochs x {manifest['samples']} crops, {contents.bytes_per_crop()} bytes "
           f"per crop ({contents.logits} logits, {'with' if contents.embed_dim else 'no'} embedding, "

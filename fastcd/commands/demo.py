@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fastcd.config import add_set_argument
+from fastcd.config import add_set_argument, at_least_one
 from fastcd.experiments import TEACHER, Experiment, run_experiments, table_rows
 from fastcd.paths import configs_dir
 from fastcd.report import Row, seed_table
@@ -25,9 +25,9 @@ RUNS = [Experiment(TEACHER, "t_resnet34", "teacher, alone"), Experiment(STUDENT,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for the three runs (default runs/demo)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of the two students (default: the "
+    parser.add_argument("--epochs", type=at_least_one, default=None, help="epochs of the two students (default: the "
                         "configs', 5)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="epochs of the teacher (default: its "
+    parser.add_argument("--teacher-epochs", type=at_least_one, default=None, help="epochs of the teacher (default: its "
                         "config's, 10)")
     parser.add_argument("--train-subset", type=int, default=None, help="training images (default: the configs')")
     add_set_argument(parser, "override applied to every run")

@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fastcd.config import add_set_argument
+from fastcd.config import add_set_argument, at_least_one
 from fastcd.errors import FastcdError
 from fastcd.experiments import TEACHER, Experiment, Result, cpu_seconds, run_experiments, table_rows
 from fastcd.paths import configs_dir, results_dir
@@ -64,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
                         help=f"wall-clock target on an idle 2-core CPU; scales the epochs ({EPOCHS} student and "
                              f"{TEACHER_EPOCHS} teacher epochs for {BUDGET_MINUTES:g} min and {SEEDS} seeds)")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: from the budget)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: from the budget)")
+    parser.add_argument("--epochs", type=at_least_one, default=None, help="student epochs (default: from the budget)")
+    parser.add_argument("--teacher-epochs", type=at_least_one, default=None,
+                        help="teacher epochs (default: from the budget)")
     parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET, help="training images")
     parser.add_argument("--val-subset", type=int, default=VAL_SUBSET, help="test images evaluated each epoch")
     parser.add_argument("--out", default=None, help="folder for the runs (default runs/repro-fashion-mnist, "

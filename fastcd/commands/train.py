@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from fastcd.config import add_set_argument, load_config
+from fastcd.config import add_set_argument, at_least_one, load_config
 from fastcd.engine.runtime import is_main_process
 from fastcd.engine.trainer import train
+from fastcd.errors import Terminated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,14 +15,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
     parser.add_argument("--force", action="store_true",
-                        help="start afresh in a run folder that holds another run (its files are removed)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                        help="start afresh in a run folder that holds another run (its files are removed once "
+                        "every input of the new run is checked; not with --resume)")
+    parser.add_argument("--stop-after", type=at_least_one, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
+    try:
+        history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
+    except (KeyboardInterrupt, Terminated) as e:  # the CLI's one line, with where the run can continue from
+        latest = cfg.out_path / "latest.pt"
+        raise type(e)(f"the last checkpoint is {str(latest)!r} (continue with --resume)" if latest.is_file()
+                      else "no checkpoint was written") from None
     if history and is_main_process():
         best = min(history, key=lambda r: r["val_top1_err"])
         print(f"{cfg.name}: best val top-1/top-5 error {best['val_top1_err']:.2f}/{best['val_top5_err']:.2f} "

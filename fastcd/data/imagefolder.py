@@ -48,6 +48,9 @@ class ImageFolderLoader(IndexedLoader):
     """ImageFolder + PIL RandomResizedCrop/flip (train) or Resize/CenterCrop (val) in workers."""
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
+        if not cfg.path:
+            raise FastcdError("data.path is empty; set it to an ImageFolder tree (<path>/train/<class>/<image>, "
+                              "<path>/val/...), or choose another data.backend")
         self.dataset = open_image_folder(Path(cfg.path) / split)
         super().__init__(cfg, split, ctx, len(self.dataset))
         self.num_classes = len(self.dataset.classes)

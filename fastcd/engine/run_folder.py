@@ -1,4 +1,4 @@
-"""A run's folder: refuse to overwrite another run, and record how the run was made.
+"""A run's folder: refuse to overwrite another run (or to resume none), and record how the run was made.
 
 `config.yaml` is the resolved config (every default and override applied); `run.json` lists each session
 that trained in the folder (the first run and every resume): date, git commit, machine, library versions,
@@ -19,7 +19,7 @@ import yaml
 
 from fastcd.config import Config
 from fastcd.errors import FastcdError
-from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json
+from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json, check_dir_possible
 from fastcd.utils.machine import machine_info
 
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "run.json", "tensorboard")
@@ -31,12 +31,38 @@ def existing_run_files(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def check_run_folder(out: Path, resume: bool, force: bool) -> None:
-    """A new run into a folder that holds another run is an error, unless `force` (or `resume`)."""
+def _resolved(cfg: Config) -> str:
+    """The config as `config.yaml` holds it."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def check_run_folder(cfg: Config, resume: bool, force: bool) -> None:
+    """Before anything is read or written: `resume` needs the folder's checkpoint and excludes `force`; a new
+    run into a folder that holds another run is an error unless `force`. A folder whose run stopped before its
+    first checkpoint (no latest.pt) holds nothing to keep: the same config starts in it again."""
+    out = cfg.out_path
+    check_dir_possible(out)
+    if resume:
+        if force:
+            raise FastcdError("--resume continues the run in its folder, --force deletes that run and starts "
+                              "afresh: give one of them, not both")
+        if not (out / "latest.pt").is_file():
+            why = ("the run there stopped before its first checkpoint: start it again without --resume"
+                   if existing_run_files(out) else "no run was started in that folder")
+            raise FastcdError(f"cannot resume: checkpoint {str(out / 'latest.pt')!r} does not exist ({why})")
+        return
     found = existing_run_files(out)
-    if found and not (resume or force):
-        raise FastcdError(f"run folder {str(out)!r} already holds a run ({', '.join(found)}); continue it with "
-                          "--resume, or replace it with --force (or set train.out_dir elsewhere)")
+    if not found or force:
+        return
+    if not {"latest.pt", "best.pt"} & set(found):
+        config = out / "config.yaml"
+        if config.is_file() and config.read_text() == _resolved(cfg):
+            return
+        raise FastcdError(f"run folder {str(out)!r} already holds a run of another config that stopped before its "
+                          f"first checkpoint ({', '.join(found)}); replace it with --force (or set train.out_dir "
+                          "elsewhere)")
+    raise FastcdError(f"run folder {str(out)!r} already holds a run ({', '.join(found)}); continue it with "
+                      "--resume, or replace it with --force (or set train.out_dir elsewhere)")
 
 
 def clear_run_folder(out: Path) -> None:
@@ -60,7 +86,7 @@ def library_versions() -> dict[str, str]:
 
 def record_session(out: Path, cfg: Config, start_epoch: int, world_size: int) -> None:
     """Write `config.yaml` and append this session (machine, commit, versions, command) to `run.json`."""
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(out / "config.yaml", _resolved(cfg).encode())
     sessions: list[dict[str, Any]] = []
     if start_epoch and (out / "run.json").is_file():
         sessions = json.loads((out / "run.json").read_text())["sessions"]

@@ -4,8 +4,10 @@
 mean loss and each loss's, the loss weights, lr, images/s, data-wait seconds; `step` counts optimizer steps
 from 1) and `kind: epoch` after each evaluation (the epoch's record, as in the checkpoint's history).
 It is a log, appended line by line: a crash loses at most a torn last line, and a resume first rewrites
-it (atomically) without the records after its checkpoint. TensorBoard gets the same scalars under
-`train/...`, `loss/<i>_<name>`, `weight/<i>_<name>`, `val/...`, with the optimizer step as x axis.
+it (atomically) to agree with its checkpoint: the step records up to the checkpoint's epoch, and the epoch
+records from the checkpoint's history (so a crash between the checkpoint and the record loses nothing).
+TensorBoard gets the same scalars under `train/...`, `loss/<i>_<name>`, `weight/<i>_<name>`, `val/...`,
+with the optimizer step as x axis.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from fastcd.config import Config
 from fastcd.errors import FastcdError
-from fastcd.utils.atomic import atomic_write_bytes
+from fastcd.utils.atomic import atomic_write_bytes, disk_full_as_error
 
 
 def require_tensorboard() -> None:
@@ -27,39 +29,46 @@ def require_tensorboard() -> None:
                           "requirements.txt), or set train.tensorboard=false") from None
 
 
-def _kept_lines(path: Path, last_epoch: int) -> list[str]:
-    """The whole records of `path` up to and including epoch `last_epoch`."""
-    kept = []
+def _kept_lines(path: Path, last_epoch: int, history: list[dict[str, Any]]) -> list[str]:
+    """The whole step records of `path` up to epoch `last_epoch`, each evaluated epoch's steps followed by that
+    epoch's record from the checkpoint's `history`: the log agrees with the checkpoint whatever a crash between
+    writing the two left (a record missing, or one for an epoch the checkpoint does not hold)."""
+    steps: dict[int, list[str]] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a crash
             continue
-        if record.get("epoch", 0) <= last_epoch:
-            kept.append(line + "\n")
-    return kept
+        if record.get("kind") == "step" and record["epoch"] <= last_epoch:
+            steps.setdefault(record["epoch"], []).append(line + "\n")
+    evaluated = {r["epoch"]: json.dumps(r) + "\n" for r in history if r["val_top1_err"] is not None}
+    return [line for epoch in range(1, last_epoch + 1)
+            for line in [*steps.get(epoch, []), *([evaluated[epoch]] if epoch in evaluated else [])]]
 
 
 class MetricsLog:
     """The run's sinks on rank 0 (`enabled`); a no-op on the other ranks."""
 
-    def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int,
+                 history: list[dict[str, Any]]) -> None:
         self.enabled, self.names = enabled, [f"{i}_{s.loss_name}" for i, s in enumerate(cfg.loss_list)]
         self.steps_per_epoch, self.writer = steps_per_epoch, None
         if not enabled:
             return
         out = cfg.out_path
         self.path = out / "metrics.jsonl"
-        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch)).encode())
-        self.file = open(self.path, "a")  # closed by close()
+        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch, history)).encode())
+        self.file = open(self.path, "ab", buffering=0)  # unbuffered: each record reaches the file at once; close()
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * steps_per_epoch + 1)
 
     def _append(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with disk_full_as_error(self.path):
+            while line:  # a raw write may be short
+                line = line[self.file.write(line):]
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():

@@ -4,7 +4,8 @@ runtime -> data -> models -> losses -> optimizer -> schedules -> resume -> DDP -
 Every `train.log_every` steps it records the interval's losses, loss weights, lr, images/s and data wait,
 and after each epoch's evaluation the epoch's record (`<out>/metrics.jsonl`, the console and, with
 `train.tensorboard`, TensorBoard: `fastcd.engine.sinks`). Each epoch's `latest.pt` is written (atomically)
-before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far.
+before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far. Nothing
+in the run folder changes (not even under `--force`) before every input the session reads has been checked.
 """
 from __future__ import annotations
 
@@ -88,11 +89,32 @@ def loss_weights(cfg: Config, epoch: int) -> list[float]:
                               cfg.train.dataset_type, cfg.train.epochs) for s in cfg.loss_list]
 
 
+def last_epoch(cfg: Config, start_epoch: int, history: list[dict[str, Any]], stop_after_epoch: int | None) -> int:
+    """The last epoch this session trains (`train.epochs`, or `stop_after_epoch` if earlier). A session with
+    nothing to do (no epoch to train and no evaluation pending) is an error naming why, raised before the run
+    folder is touched."""
+    out, epochs = str(cfg.out_path), cfg.train.epochs
+    if stop_after_epoch is not None and stop_after_epoch < 1:
+        raise FastcdError(f"--stop-after must be at least 1, got {stop_after_epoch}")
+    last = min(epochs, stop_after_epoch) if stop_after_epoch is not None else epochs
+    pending = bool(history) and history[-1]["val_top1_err"] is None  # the checkpoint's epoch was never evaluated
+    if last > start_epoch or (pending and last == start_epoch):
+        return last
+    if epochs < start_epoch:
+        raise FastcdError(f"train.epochs={epochs} but the run in {out!r} is already at epoch {start_epoch}: nothing "
+                          f"to train, the folder is left as it is (set train.epochs above {start_epoch} to continue)")
+    if epochs == start_epoch:
+        raise FastcdError(f"the run in {out!r} has finished its train.epochs={epochs} epochs: nothing to train, the "
+                          "folder is left as it is (raise train.epochs to continue it)")
+    raise FastcdError(f"--stop-after {stop_after_epoch}: the run in {out!r} is already at epoch {start_epoch}; "
+                      f"nothing to train (give an epoch after {start_epoch}, or leave --stop-after out)")
+
+
 class Run:
     """One run in its folder: data, the step (restored on resume), the history and best error, the sinks;
     `epoch(e)` trains and evaluates epoch e."""
 
-    def __init__(self, cfg: Config, rt: Runtime, resume: bool) -> None:
+    def __init__(self, cfg: Config, rt: Runtime, resume: bool, stop_after_epoch: int | None) -> None:
         self.cfg, self.rt = cfg, rt
         out = cfg.out_path
         self.latest, self.best_path = out / "latest.pt", out / "best.pt"
@@ -109,20 +131,25 @@ class Run:
             ckpt = load_checkpoint(self.latest)
             check_resumable(ckpt, cfg, self.latest, self.steps, rt.world_size)
         self.model, self.step = build_step(cfg, rt, self.steps, ckpt, "default" if cfg.train.compile else None)
-        self.cache = None
-        if cfg.teacher is not None and cfg.teacher.cache:  # no teacher was built: its targets come from here
-            self.cache = open_cache(cfg, self.train_loader, {n for loss in self.step.losses for n in loss.inputs})
         self.start_epoch, self.history, self.best = 0, [], math.inf
         if ckpt is not None:
             self.start_epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best_top1_err"]
+        self.last_epoch = last_epoch(cfg, self.start_epoch, self.history, stop_after_epoch)
+        self.cache = None
+        if cfg.teacher is not None and cfg.teacher.cache:  # no teacher was built: its targets come from here
+            self.cache = open_cache(cfg, self.train_loader, {n for loss in self.step.losses for n in loss.inputs})
+            self.cache.check(cache_epoch(cfg, self.cache, e - 1) for e in range(self.start_epoch + 1,
+                                                                                 self.last_epoch + 1))
+        if ckpt is not None:
             set_rng_state(ckpt["rng"])
             if rt.is_main:
                 print(f"resumed from {self.latest} after epoch {self.start_epoch}")
+        # every input the session reads is checked (data, checkpoint, teacher or cache): now the folder changes
         if rt.is_main:
             if not resume:
                 clear_run_folder(out)
             record_session(out, cfg, self.start_epoch, rt.world_size)
-        self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps)
+        self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history)
 
     def save(self, epoch: int, is_best: bool) -> None:
         """latest.pt (and best.pt); rank 0 only."""
@@ -178,14 +205,15 @@ class Run:
 
 def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
           force: bool = False) -> list[dict[str, Any]]:
-    """Train `cfg`; return the per-epoch history. `resume` continues from `<out>/latest.pt` exactly; a new
-    run into a folder that holds another is an error unless `force` (which removes the old run's files)."""
-    check_run_folder(cfg.out_path, resume, force)
+    """Train `cfg` (up to `stop_after_epoch`); return the per-epoch history. `resume` continues from
+    `<out>/latest.pt` exactly; a new run into a folder that holds another is an error unless `force` (which
+    removes the old run's files, but only once every input of the new run has been checked)."""
+    check_run_folder(cfg, resume, force)
     if cfg.train.tensorboard:
         require_tensorboard()
     rt = setup_runtime(cfg.train)
     try:
-        return _train(Run(cfg, rt, resume), stop_after_epoch)
+        return _train(Run(cfg, rt, resume, stop_after_epoch))
     except RuntimeError as e:
         if rt.distributed and is_collective_failure(e):
             raise FastcdError(describe_failure(rt, e, cfg.train.dist_timeout_s)) from e
@@ -194,14 +222,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         teardown(rt)
 
 
-def _train(run: Run, stop_after_epoch: int | None) -> list[dict[str, Any]]:
+def _train(run: Run) -> list[dict[str, Any]]:
     try:
         if run.history and run.history[-1]["val_top1_err"] is None:  # the checkpoint's epoch was never evaluated
             run.evaluate(run.history[-1])
-        for epoch in range(run.start_epoch + 1, run.cfg.train.epochs + 1):
+        for epoch in range(run.start_epoch + 1, run.last_epoch + 1):
             run.epoch(epoch)
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                break
     finally:
         run.log.close()
     if run.rt.distributed:
