@@ -127,8 +127,8 @@ class ShardsTorchLoader(IndexedLoader):
     def fingerprint(self) -> str:
         return self.prepared.fingerprint()
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
         self.sampler.set(self.order.tolist(), epoch, self.res)
 
     def _device_batch(self, data: Tensor, sizes: Tensor, labels: Tensor, meta: Tensor) -> tuple[Tensor, Tensor]:

@@ -80,27 +80,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every RNG state a resume must restore, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-             "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` saved."""
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def loader_context(cfg: Config, rt: Runtime) -> LoaderContext:
     """Where and how the run's loaders deliver: its device, autocast dtype, layout, classes, rank and seed."""
     return LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes, rt.rank,

@@ -27,15 +27,15 @@ def require_tensorboard() -> None:
                           "requirements.txt), or set train.tensorboard=false") from None
 
 
-def _kept_lines(path: Path, last_epoch: int) -> list[str]:
-    """The whole records of `path` up to and including epoch `last_epoch`."""
+def _kept_lines(path: Path, last_epoch: int, last_step: int) -> list[str]:
+    """The whole records of `path` up to and including epoch `last_epoch` and optimizer step `last_step`."""
     kept = []
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a crash
             continue
-        if record.get("epoch", 0) <= last_epoch:
+        if record["step"] <= last_step if record.get("kind") == "step" else record.get("epoch", 0) <= last_epoch:
             kept.append(line + "\n")
     return kept
 
@@ -43,19 +43,21 @@ def _kept_lines(path: Path, last_epoch: int) -> list[str]:
 class MetricsLog:
     """The run's sinks on rank 0 (`enabled`); a no-op on the other ranks."""
 
-    def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int) -> None:
+    def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int, start_step: int = 0) -> None:
+        """Keep the records up to epoch `start_epoch` and `start_step` steps into the next (a resume)."""
         self.enabled, self.names = enabled, [f"{i}_{s.loss_name}" for i, s in enumerate(cfg.loss_list)]
         self.steps_per_epoch, self.writer = steps_per_epoch, None
         if not enabled:
             return
         out = cfg.out_path
         self.path = out / "metrics.jsonl"
-        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch)).encode())
+        done = start_epoch * steps_per_epoch + start_step
+        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch, done)).encode())
         self.file = open(self.path, "a")  # closed by close()
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * steps_per_epoch + 1)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=done + 1)
 
     def _append(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
