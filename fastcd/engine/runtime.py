@@ -63,6 +63,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
+        if device.type == "cuda":  # a timed-out collective aborts NCCL's communicators and raises in Python (mode 2),
+            # where fastcd names the lost ranks (`distributed.describe_failure`); torchrun's default (1) has NCCL's
+            # watchdog kill the process first, with no word of which rank stopped answering
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[amp], owns)
