@@ -57,6 +57,15 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
     assert "rank 0 exit 2 group destroyed" in out and "rank 1 exit 2 group destroyed" in out
 
 
+def test_a_rank_given_another_config_is_refused_by_name_on_every_rank(tmp_path):
+    proc = launch(tmp_path, 'if os.environ["RANK"] == "1":\n    sys.argv.append("optim.lr=0.2")', "train.epochs=1")
+    assert proc.wait(timeout=300) != 0
+    err = (tmp_path / "stderr").read_text()
+    lines = [x for x in err.splitlines() if "fastcd train: error:" in x]
+    assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
+    assert "rank 1 has another config than rank 0 (optim.lr: 0.05 -> 0.2)" in lines[0]
+
+
 def _worker_pids(parent: int) -> dict[int, int]:
     """RANK -> pid of torchrun's worker processes."""
     found = {}

@@ -11,6 +11,7 @@
 - Randomness needs no saving: the global RNGs are reseeded from (seed, epoch, step, rank) at every point a run
   can resume from (each epoch's start, each mid-epoch checkpoint), so they do not depend on a saved state, the
   GPU count or the process's history.
+- Every rank must be given the same config (checked once, by name).
 - The world size may change across a restart when the global batch (ranks x `data.batch_size`) does not:
   the global order of samples and steps is kept, only their split across ranks changes. Otherwise the resume
   is refused by name.
@@ -91,6 +92,19 @@ def decided_by_rank0(rt: Runtime, decide: Callable[[], bool]) -> bool:
     if isinstance(answer[0], str):
         raise FastcdError(answer[0])
     return bool(answer[0])
+
+
+def check_same_config(cfg: Config, rt: Runtime) -> None:
+    """The same FastcdError on every rank when a rank was given another config than rank 0 (one all-gather)."""
+    if not rt.distributed:
+        return
+    configs: list[dict[str, Any] | None] = [None] * rt.world_size
+    dist.all_gather_object(configs, plain_config(cfg))
+    for rank, other in enumerate(configs):
+        changed = differences(configs[0], other)
+        if changed:
+            raise FastcdError(f"rank {rank} has another config than rank 0 ({'; '.join(changed[:3])}): start every "
+                              "node with the same config file and --set overrides")
 
 
 def reseed(seed: int, epoch: int, step: int, rank: int) -> None:

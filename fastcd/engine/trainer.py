@@ -23,6 +23,7 @@ from fastcd.engine.distributed import describe_failure, is_collective_failure, t
 from fastcd.engine.elastic import (
     auto_resume,
     check_mid_epoch,
+    check_same_config,
     check_world_size,
     decided_by_rank0,
     epoch_start,
@@ -217,6 +218,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         require_tensorboard()
     rt = setup_runtime(cfg.train)
     try:
+        check_same_config(cfg, rt)
         if auto:  # under torchrun --max-restarts: continue this run's latest.pt, if any
             resume = decided_by_rank0(rt, lambda: auto_resume(cfg))
         return _train(Run(cfg, rt, resume), stop_after_epoch)
