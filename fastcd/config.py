@@ -176,6 +176,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False  # also log the scalars to <out>/tensorboard (needs the tensorboard package)
     dist_timeout_s: float = _positive(600.0)  # DDP: a collective waits this long for a silent rank, then fails
+    resume: Literal["never", "auto"] = "never"  # auto: continue <out>/latest.pt of the same run (engine.elastic)
+    checkpoint_every_steps: int = _at_least(0, 0)  # also write latest.pt every N optimizer steps (0: at epoch ends)
 
 
 @dataclass

@@ -41,8 +41,8 @@ def launch(tmp_path: Path, patch: str, *overrides: str, command: tuple[str, ...]
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER.format(patch=patch))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    return subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), *command,
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *command,
                              str(cfg_path), "--set", *overrides], env=env, text=True,
                             stdout=open(tmp_path / "stdout", "w"), stderr=open(tmp_path / "stderr", "w"))
 
@@ -55,6 +55,15 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tm
     assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
     assert "non-finite loss at epoch 1, step 1 on rank 1: CELoss=nan" in lines[0]
     assert "rank 0 exit 2 group destroyed" in out and "rank 1 exit 2 group destroyed" in out
+
+
+def test_a_rank_given_another_config_is_refused_by_name_on_every_rank(tmp_path):
+    proc = launch(tmp_path, 'if os.environ["RANK"] == "1":\n    sys.argv.append("optim.lr=0.2")', "train.epochs=1")
+    assert proc.wait(timeout=300) != 0
+    err = (tmp_path / "stderr").read_text()
+    lines = [x for x in err.splitlines() if "fastcd train: error:" in x]
+    assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
+    assert "rank 1 has another config than rank 0 (optim.lr: 0.05 -> 0.2)" in lines[0]
 
 
 def _worker_pids(parent: int) -> dict[int, int]:
@@ -121,3 +130,20 @@ def test_eval_under_torchrun_prints_once_and_leaves_the_group(tmp_path, tiny_con
     out = (tmp_path / "stdout").read_text()
     assert out.count("top-1 error") == 1
     assert "rank 0 exit 0 group destroyed" in out and "rank 1 exit 0 group destroyed" in out
+
+
+@pytest.mark.parametrize("error,collective", [
+    (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                  "[127.0.0.1]:32971: Connection reset by peer. This is typically caused by a remote worker"), True),
+    (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                  "waiting 3000ms for recv operation to complete"), True),
+    (dist.DistBackendError("NCCL communicator was aborted on rank 0"), True),
+    (RuntimeError("DataLoader timed out after 30 seconds"), False),
+    (RuntimeError("connection reset while reading /data/shard-0003.tar (timeout)"), False),
+    (ValueError("[x/gloo/transport/tcp/pair.cc:1] Connection reset"), False),
+])
+def test_only_collective_failures_count_as_such(error, collective):
+    """A rank's own error that mentions a timeout is reported as itself, not as a lost peer."""
+    from fastcd.engine.distributed import is_collective_failure
+
+    assert is_collective_failure(error) is collective

@@ -3,6 +3,8 @@
 A loader yields `(images, labels)`: images normalised, channels_last (when asked), in the autocast
 dtype, on the training device; labels int64 on the device. `set_epoch(e)` (0-based) reshuffles from
 the run's seed and applies the resolution schedule; under DDP each rank sees a disjoint share.
+`set_epoch(e, start_batch=k)` starts the epoch at its batch k (a resume mid-epoch), on the loaders that
+replay fastcd's crops (`replays_crops`).
 """
 from __future__ import annotations
 
@@ -56,8 +58,9 @@ class BatchLoader(ABC):
         """Batches per epoch on this rank."""
 
     @abstractmethod
-    def set_epoch(self, epoch: int) -> None:
-        """Prepare epoch `epoch` (0-based): shuffle order and resolution."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Prepare epoch `epoch` (0-based): shuffle order and resolution; skip its first `start_batch` batches
+        (only where `replays_crops`)."""
 
     @abstractmethod
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -76,11 +79,12 @@ class IndexedLoader(BatchLoader):
         self.size = min(limit, size) if limit else size
         self.batch_size = cfg.batch_size if self.train else (cfg.val_batch_size or cfg.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         c = self.ctx
         self.epoch = epoch
-        self.order = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank, world_size=c.world_size,
-                                   train=self.train)
+        order = epoch_indices(self.size, epoch=epoch, seed=c.seed, rank=c.rank, world_size=c.world_size,
+                              train=self.train, batch_size=self.batch_size)
+        self.order = order[start_batch * self.batch_size:]
         self.num_samples = len(self.order)
         self.res = train_res(self.cfg, epoch) if self.train else self.cfg.val_res
 

@@ -72,7 +72,10 @@ class FfcvLoader(BatchLoader):
         self.num_samples = len(self.loader.first_traversal_order)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if start_batch:
+            raise FastcdError("the ffcv backend cannot start an epoch mid-way (its order is ffcv's own); "
+                              "use data.backend torch or dali, or train.checkpoint_every_steps=0")
         self.loader.next_epoch = epoch
         if self.train:
             res = train_res(self.cfg, epoch)

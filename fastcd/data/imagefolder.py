@@ -67,8 +67,8 @@ class ImageFolderLoader(IndexedLoader):
             ops = [v2.Resize(round(res / self.cfg.val_resize_ratio), antialias=True), v2.CenterCrop(res)]
         return v2.Compose([v2.PILToTensor(), *ops])
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
         self.dataset.transform = self._transform(self.res)
         self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_EpochSampler(self.order),
                                  num_workers=self.cfg.workers, pin_memory=self.ctx.device.type == "cuda",

@@ -33,8 +33,8 @@ class InMemoryLoader(IndexedLoader):
             digest.update(tensor.cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
         self.device_order = self.order.to(self.ctx.device)  # one copy per epoch; crops are drawn on the host
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:

@@ -130,8 +130,8 @@ class ShardsTorchLoader(IndexedLoader):
     def fingerprint(self) -> str:
         return self.prepared.fingerprint()
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
         if not self.device_decode:
             self.sampler.set(self.batch_indices(), epoch, self.res)
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -17,8 +18,10 @@ from fastcd.engine.metrics import Meter
 from fastcd.engine.runtime import Runtime
 
 ROLL_CALL = "fastcd/roll-call/"
-# Words of the errors gloo and NCCL raise when a peer times out or disappears.
-COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+# gloo reports a peer that timed out or went away as a plain RuntimeError that names the transport's source file,
+# e.g. "[.../gloo/transport/tcp/pair.cc:545] Read error ...: Connection reset by peer" or
+# "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete".
+GLOO_TRANSPORT = re.compile(r"\[[^\]\s]*gloo/transport/[^\]\s]*\]")
 
 
 def first_nonfinite(meter: Meter, rt: Runtime) -> tuple[int, int, list[float]] | None:
@@ -35,8 +38,11 @@ def first_nonfinite(meter: Meter, rt: Runtime) -> tuple[int, int, list[float]] |
 
 
 def is_collective_failure(error: BaseException) -> bool:
-    """Whether `error` is a collective that timed out or lost its peer (rather than a bug of this rank)."""
-    return isinstance(error, dist.DistError) or any(w in str(error).lower() for w in COLLECTIVE_FAILURES)
+    """Whether `error` is a collective that timed out or lost its peer (rather than a bug of this rank): torch's
+    distributed errors (NCCL's, the store's) by type, gloo's by its transport's source location. Another error
+    that merely mentions a timeout (a DataLoader's, a file system's) is not one."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                                 and GLOO_TRANSPORT.search(str(error)) is not None)
 
 
 def silent_ranks(rt: Runtime, grace_s: float) -> list[int]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from tqdm import tqdm
 from fastcd.config import Config
 from fastcd.data.base import BatchLoader
 from fastcd.engine.distributed import first_nonfinite
+from fastcd.engine.elastic import FROM_THE_START, EpochStart
 from fastcd.engine.metrics import Meter
 from fastcd.engine.runtime import Runtime
 from fastcd.engine.sinks import MetricsLog
@@ -34,18 +35,24 @@ def raise_if_nonfinite(meter: Meter, cfg: Config, rt: Runtime, epoch: int, lates
 
 def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config, rt: Runtime, epoch: int,
                 weights: list[float], latest: Path, log: MetricsLog,
-                cached: Iterator[TeacherTargets] | None = None) -> dict[str, Any]:
+                cached: Iterator[TeacherTargets] | None = None, start: EpochStart = FROM_THE_START,
+                after_step: Callable[[int, Meter], None] | None = None) -> dict[str, Any]:
     """One epoch of `steps` iterations, a `kind: step` record every `train.log_every` steps (rank 0's share
     of the batch); returns the epoch's train statistics (over every rank). `cached`: the teacher's stored
-    targets of each batch, in the loader's order (read as part of the data wait)."""
+    targets of each batch, in the loader's order (read as part of the data wait). `start`: a resume within
+    the epoch (the loader then yields its batches from `start.step` on). `after_step(k, meter)` runs after
+    the epoch's k-th step."""
     first_step = (epoch - 1) * steps
     meter = Meter(len(step.losses), rt.device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False, dynamic_ncols=True,
-               disable=not (cfg.train.progress and rt.is_main))
+    if start.sums is not None:
+        meter.sums += start.sums
+    bar = tqdm(total=steps, initial=start.step, desc=f"epoch {epoch}/{cfg.train.epochs}", leave=False,
+               dynamic_ncols=True, disable=not (cfg.train.progress and rt.is_main))
     batches, wait = iter(loader), DataWait(rt.device)
-    start = time.perf_counter()
-    mark, mark_time, mark_wait = None, start, 0.0
-    for i in range(steps):
+    begin = time.perf_counter()
+    mark = meter.sums.tolist() if start.step else None  # intentional sync, once
+    mark_time, mark_wait = begin, 0.0
+    for i in range(start.step, steps):
         wait.start()
         images, labels = next(batches)
         targets = next(cached) if cached is not None else None
@@ -63,14 +70,17 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
             mark_time, mark_wait = now, waited
             log.step(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        if after_step is not None:
+            after_step(i + 1, meter)
         bar.update()
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - begin
     bar.close()
     meter.reduce()
     stats = meter.read()
-    return {**stats, "images_per_s": stats["samples"] / elapsed, "data_wait_s": wait.read(), "time_s": elapsed}
+    return {**stats, "images_per_s": (stats["samples"] - start.samples) / elapsed, "data_wait_s": wait.read(),
+            "time_s": elapsed}
 
 
 def format_record(record: dict[str, Any], cfg: Config) -> str:

@@ -2,8 +2,8 @@
 
 Every config field is in exactly one of three lists (a test checks that a new field is placed):
 - `KEPT` cannot change on resume and is refused by name: the networks and the losses (the checkpoint's
-  tensors fit only them), `train.seed` (the RNG states continue from the checkpoint), the training set
-  (`data.train_subset`) and everything that defines the evaluation (`data.val_subset`, `val_res`,
+  tensors fit only them), `train.seed` (the RNGs are reseeded from it wherever a run resumes), the
+  training set (`data.train_subset`) and everything that defines the evaluation (`data.val_subset`, `val_res`,
   `val_resize_ratio`, `flip_tta`, `mean`, `std`: `best.pt` compares errors measured one way).
 - `STEP_FIELDS` may change only while the steps per epoch stay the same (the schedules' position is a
   step count).
@@ -39,7 +39,8 @@ CHANGEABLE = ("name", "teacher.weights", "teacher.bn_mode", "teacher.fold_bn", "
               "optim.fused", "optim.schedule", "optim.milestones", "optim.gamma", "optim.step_size",
               "optim.warmup_epochs", "optim.peak_epoch", "optim.end_lr_ratio", "train.epochs",
               "train.dataset_type", "train.amp", "train.channels_last", "train.compile", "train.device",
-              "train.out_dir", "train.log_every", "train.progress", "train.tensorboard", "train.dist_timeout_s")
+              "train.out_dir", "train.log_every", "train.progress", "train.tensorboard", "train.dist_timeout_s",
+              "train.resume", "train.checkpoint_every_steps")
 
 
 def _value(config: dict[str, Any], dotted: str) -> Any:

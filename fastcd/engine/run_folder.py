@@ -84,12 +84,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def record_session(out: Path, cfg: Config, start_epoch: int, world_size: int) -> None:
-    """Write `config.yaml` and append this session (machine, commit, versions, command) to `run.json`."""
+def record_session(out: Path, cfg: Config, start_epoch: int, world_size: int, start_step: int = 0) -> None:
+    """Write `config.yaml` and append this session (machine, commit, versions, command; where it started: after
+    epoch `start_epoch`, `start_step` steps into the next) to `run.json`."""
     atomic_write_bytes(out / "config.yaml", _resolved(cfg).encode())
     sessions: list[dict[str, Any]] = []
-    if start_epoch and (out / "run.json").is_file():
+    if (start_epoch or start_step) and (out / "run.json").is_file():
         sessions = json.loads((out / "run.json").read_text())["sessions"]
     sessions.append({**machine_info(), "libraries": library_versions(), "command": sys.argv,
-                     "world_size": world_size, "start_epoch": start_epoch})
+                     "world_size": world_size, "start_epoch": start_epoch, "start_step": start_step})
     atomic_write_json(out / "run.json", {"name": cfg.name, "sessions": sessions})

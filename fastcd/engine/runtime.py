@@ -63,6 +63,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     owns = world_size > 1 and not dist.is_initialized()
     if owns:
+        if device.type == "cuda":  # a timed-out collective aborts NCCL's communicators and raises in Python (mode 2),
+            # where fastcd names the lost ranks (`distributed.describe_failure`); torchrun's default (1) has NCCL's
+            # watchdog kill the process first, with no word of which rank stopped answering
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
     return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[amp], owns)
@@ -78,27 +82,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG state a resume must restore, as tensors and plain values (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-             "has_gauss": int(has_gauss), "gauss": float(gauss)}
-    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `rng_state` saved."""
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def loader_context(cfg: Config, rt: Runtime) -> LoaderContext:

@@ -29,20 +29,21 @@ def require_tensorboard() -> None:
                           "requirements.txt), or set train.tensorboard=false") from None
 
 
-def _kept_lines(path: Path, last_epoch: int, history: list[dict[str, Any]]) -> list[str]:
-    """The whole step records of `path` up to epoch `last_epoch`, each evaluated epoch's steps followed by that
-    epoch's record from the checkpoint's `history`: the log agrees with the checkpoint whatever a crash between
-    writing the two left (a record missing, or one for an epoch the checkpoint does not hold)."""
+def _kept_lines(path: Path, last_epoch: int, last_step: int, history: list[dict[str, Any]]) -> list[str]:
+    """The whole step records of `path` up to optimizer step `last_step` (the checkpoint's: `last_epoch` epochs,
+    and maybe some steps of the next), each evaluated epoch's steps followed by that epoch's record from the
+    checkpoint's `history`: the log agrees with the checkpoint whatever a crash between writing the two left
+    (a record missing, or one for an epoch the checkpoint does not hold)."""
     steps: dict[int, list[str]] = {}
     for line in path.read_text().splitlines() if path.is_file() else []:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a crash
             continue
-        if record.get("kind") == "step" and record["epoch"] <= last_epoch:
+        if record.get("kind") == "step" and record["step"] <= last_step:
             steps.setdefault(record["epoch"], []).append(line + "\n")
     evaluated = {r["epoch"]: json.dumps(r) + "\n" for r in history if r["val_top1_err"] is not None}
-    return [line for epoch in range(1, last_epoch + 1)
+    return [line for epoch in range(1, last_epoch + 2)
             for line in [*steps.get(epoch, []), *([evaluated[epoch]] if epoch in evaluated else [])]]
 
 
@@ -50,19 +51,21 @@ class MetricsLog:
     """The run's sinks on rank 0 (`enabled`); a no-op on the other ranks."""
 
     def __init__(self, cfg: Config, enabled: bool, start_epoch: int, steps_per_epoch: int,
-                 history: list[dict[str, Any]]) -> None:
+                 history: list[dict[str, Any]], start_step: int = 0) -> None:
+        """Keep the records up to epoch `start_epoch` and `start_step` steps into the next (a resume)."""
         self.enabled, self.names = enabled, [f"{i}_{s.loss_name}" for i, s in enumerate(cfg.loss_list)]
         self.steps_per_epoch, self.writer = steps_per_epoch, None
         if not enabled:
             return
         out = cfg.out_path
         self.path = out / "metrics.jsonl"
-        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch, history)).encode())
+        done = start_epoch * steps_per_epoch + start_step
+        atomic_write_bytes(self.path, "".join(_kept_lines(self.path, start_epoch, done, history)).encode())
         self.file = open(self.path, "ab", buffering=0)  # unbuffered: each record reaches the file at once; close()
         if cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch * steps_per_epoch + 1)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=done + 1)
 
     def _append(self, record: dict[str, Any]) -> None:
         line = memoryview((json.dumps(record) + "\n").encode())

@@ -21,11 +21,22 @@ from fastcd.cache.use import cache_epoch, open_cache
 from fastcd.config import Config
 from fastcd.data import build_loader
 from fastcd.engine.distributed import describe_failure, is_collective_failure, teardown
-from fastcd.engine.epoch import format_record, train_epoch
+from fastcd.engine.elastic import (
+    auto_resume,
+    check_mid_epoch,
+    check_same_config,
+    check_world_size,
+    decided_by_rank0,
+    epoch_start,
+    gather_sums,
+    reseed,
+)
+from fastcd.engine.epoch import format_record, raise_if_nonfinite, train_epoch
 from fastcd.engine.evaluate import evaluate
+from fastcd.engine.metrics import Meter
 from fastcd.engine.resume import check_resumable, restore
 from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
-from fastcd.engine.runtime import Runtime, loader_context, rng_state, seed_everything, set_rng_state, setup_runtime
+from fastcd.engine.runtime import Runtime, loader_context, seed_everything, setup_runtime
 from fastcd.engine.sinks import MetricsLog, require_tensorboard
 from fastcd.engine.step import DistillStep
 from fastcd.errors import FastcdError
@@ -34,6 +45,7 @@ from fastcd.models import StudentWithConnectors, build_resnet
 from fastcd.models.resnet import FeatureResNet
 from fastcd.models.teacher import build_teacher, stage_channels
 from fastcd.schedules import adjust_loss_alpha, build_lr_scheduler
+from fastcd.utils.atomic import check_dir_possible
 from fastcd.utils.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -129,7 +141,10 @@ class Run:
         ckpt = None
         if resume:
             ckpt = load_checkpoint(self.latest)
+            check_world_size(ckpt, cfg, self.latest, rt.world_size)
             check_resumable(ckpt, cfg, self.latest, self.steps, rt.world_size)
+        self.position = ckpt.get("position") if ckpt is not None else None  # a mid-epoch checkpoint's
+        check_mid_epoch(cfg, self.train_loader, self.position, self.latest)
         self.model, self.step = build_step(cfg, rt, self.steps, ckpt, "default" if cfg.train.compile else None)
         self.start_epoch, self.history, self.best = 0, [], math.inf
         if ckpt is not None:
@@ -140,27 +155,30 @@ class Run:
             self.cache = open_cache(cfg, self.train_loader, {n for loss in self.step.losses for n in loss.inputs})
             self.cache.check(cache_epoch(cfg, self.cache, e - 1) for e in range(self.start_epoch + 1,
                                                                                  self.last_epoch + 1))
-        if ckpt is not None:
-            set_rng_state(ckpt["rng"])
-            if rt.is_main:
-                print(f"resumed from {self.latest} after epoch {self.start_epoch}")
+        if ckpt is not None and rt.is_main:
+            within = f", step {self.position['step']} of epoch {self.position['epoch']}" if self.position else ""
+            print(f"resumed from {self.latest} after epoch {self.start_epoch}{within}")
+        done = self.position["step"] if self.position else 0  # steps done in the epoch after start_epoch
         # every input the session reads is checked (data, checkpoint, teacher or cache): now the folder changes
         if rt.is_main:
             if not resume:
                 clear_run_folder(out)
-            record_session(out, cfg, self.start_epoch, rt.world_size)
-        self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history)
+            record_session(out, cfg, self.start_epoch, rt.world_size, done)
+        self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history, done)
 
-    def save(self, epoch: int, is_best: bool) -> None:
-        """latest.pt (and best.pt); rank 0 only."""
+    def save(self, epoch: int, is_best: bool, position: dict[str, Any] | None = None) -> None:
+        """latest.pt (and best.pt) after epoch `epoch`, and `position` in the next (`engine.elastic`); rank 0
+        only. No RNG state: the RNGs are reseeded at every point a run resumes from."""
         if not self.rt.is_main:
             return
         s = self.step
         state = {"config": self.cfg.to_dict(), "model": self.model.student.state_dict(),
                  "connectors": self.model.connectors.state_dict(), "optimizer": s.optimizer.state_dict(),
                  "scheduler": s.scheduler.state_dict(), "scaler": s.scaler.state_dict(), "epoch": epoch,
-                 "rng": rng_state(), "history": self.history, "best_top1_err": self.best,
+                 "history": self.history, "best_top1_err": self.best,
                  "steps_per_epoch": self.steps, "world_size": self.rt.world_size}
+        if position is not None:
+            state["position"] = position
         save_checkpoint(self.latest, state)
         if is_best:
             save_checkpoint(self.best_path, state)
@@ -177,22 +195,36 @@ class Run:
         if self.rt.is_main:
             tqdm.write(format_record(record, self.cfg))
 
+    def within_epoch(self, epoch: int, step: int, meter: Meter) -> None:
+        """After step `step` of epoch `epoch`: every `train.checkpoint_every_steps` optimizer steps (short of
+        the epoch's end, which has its own), check the losses, write latest.pt with the position, reseed."""
+        every = self.cfg.train.checkpoint_every_steps
+        if not every or ((epoch - 1) * self.steps + step) % every or step == self.steps:
+            return
+        raise_if_nonfinite(meter, self.cfg, self.rt, epoch, self.latest)  # intentional syncs: checkpoint time
+        sums = gather_sums(meter.sums, self.rt)
+        self.save(epoch - 1, is_best=False, position={"epoch": epoch, "step": step, "sums": sums})
+        reseed(self.cfg.train.seed, epoch, step, self.rt.rank)
+
     def epoch(self, epoch: int) -> None:
         """Train epoch `epoch` (1-based), checkpoint it, then evaluate it. Epochs are 1-based here, in the
         records and in the loss-rate decay (as the seed's schedule counts them); loaders, crops and the teacher
         cache count from 0, hence `epoch - 1` below."""
         weights = loss_weights(self.cfg, epoch)
         self.step.set_weights(weights)
+        start = epoch_start(self.position, epoch, self.rt)
+        reseed(self.cfg.train.seed, epoch, start.step, self.rt.rank)
         cached = None
         if self.cache is None:
-            self.train_loader.set_epoch(epoch - 1)
+            self.train_loader.set_epoch(epoch - 1, start.step)
         else:  # the crops of the cache epoch this epoch replays, and their stored targets
             replayed = cache_epoch(self.cfg, self.cache, epoch - 1)
-            self.train_loader.set_epoch(replayed)
+            self.train_loader.set_epoch(replayed, start.step)
             cached = self.cache.batches(replayed, self.train_loader.batch_indices(), self.rt.device)
         self.model.train()
         stats = train_epoch(self.step, self.train_loader, self.steps, self.cfg, self.rt, epoch, weights,
-                            self.latest, self.log, cached)
+                            self.latest, self.log, cached, start, lambda k, meter: self.within_epoch(epoch, k, meter))
+        self.position = None
         record = {"kind": "epoch", "epoch": epoch, "weights": weights, "losses": stats["terms"],
                   "loss": stats["total"], "lr": self.step.optimizer.param_groups[0]["lr"],
                   "train_top1_err": stats["top1_err"], "train_top5_err": stats["top5_err"], "val_top1_err": None,
@@ -207,12 +239,20 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
           force: bool = False) -> list[dict[str, Any]]:
     """Train `cfg` (up to `stop_after_epoch`); return the per-epoch history. `resume` continues from
     `<out>/latest.pt` exactly; a new run into a folder that holds another is an error unless `force` (which
-    removes the old run's files, but only once every input of the new run has been checked)."""
-    check_run_folder(cfg, resume, force)
+    removes the old run's files, but only once every input of the new run has been checked). With
+    `train.resume: auto` (and neither flag) a run continues its own latest.pt when there is one."""
+    auto = cfg.train.resume == "auto" and not (resume or force)
+    if auto:  # `auto_resume` decides below, once the runtime is up
+        check_dir_possible(cfg.out_path)
+    else:
+        check_run_folder(cfg, resume, force)
     if cfg.train.tensorboard:
         require_tensorboard()
     rt = setup_runtime(cfg.train)
     try:
+        check_same_config(cfg, rt)
+        if auto:  # under torchrun --max-restarts: continue this run's latest.pt, if any
+            resume = decided_by_rank0(rt, lambda: auto_resume(cfg))
         return _train(Run(cfg, rt, resume, stop_after_epoch))
     except RuntimeError as e:
         if rt.distributed and is_collective_failure(e):
