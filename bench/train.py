@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "read by ImageFolder, then by each prepared-data backend")
     parser.add_argument("--data-path", default="", help="prepared OUT folder for --data loader (generated from "
                         "--images JPEGs when it holds no manifest; default: cached under the temp folder)")
-    parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate for --data loader")
+    parser.add_argument("--images", type=int, default=1024, help="JPEGs to generate for --data loader "
+                        "(default %(default)s)")
     add_set_argument(parser, "config override (after the CPU size defaults)")
     parser.add_argument("--ablation", action="store_true", help="the original, then one knob at a time")
     parser.add_argument("--skip", default="", help="comma list of ablation knobs to skip, e.g. torch.compile")

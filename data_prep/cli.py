@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffcv-write-mode", choices=WRITE_MODES, default="jpg",
                         help="ffcv image storage (default jpg: the same JPEG bytes as the shards)")
     parser.add_argument("--ffcv-compress-probability", type=float, default=0.5,
-                        help="fraction stored as JPEG in ffcv's 'proportion' mode")
+                        help="fraction stored as JPEG in ffcv's 'proportion' mode "
+                        "(default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 

@@ -68,15 +68,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per row (default {SEEDS}; at least 2 "
                         "for a spread, 3 for a useful paired interval)")
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
-                        help=f"wall-clock target on an idle 2-core CPU; scales the epochs ({EPOCHS} student and "
-                             f"{TEACHER_EPOCHS} teacher epochs for {BUDGET_MINUTES:g} min and {SEEDS} seeds)")
+                        help=f"wall-clock target in minutes on an idle 2-core CPU (default %(default)g); scales the "
+                             f"epochs ({EPOCHS} student and {TEACHER_EPOCHS} teacher epochs for {BUDGET_MINUTES:g} min "
+                             f"and {SEEDS} seeds)")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: from the budget)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: from the budget)")
-    parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET, help="training images")
-    parser.add_argument("--val-subset", type=int, default=VAL_SUBSET, help="test images evaluated each epoch")
+    parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET,
+                        help="training images (the first N; default %(default)s)")
+    parser.add_argument("--val-subset", type=int, default=VAL_SUBSET,
+                        help="test images evaluated each epoch (the first N; "
+                        "default %(default)s)")
     parser.add_argument("--out", default=None, help="folder for the runs (default runs/repro-fashion-mnist, "
                         "runs/vs-original-fashion-mnist with --vs-original)")
-    parser.add_argument("--report-dir", default=str(results_dir()), help="where the report goes")
+    parser.add_argument("--report-dir", default=str(results_dir()), help="folder of the report (markdown, PNG and, "
+                        "with --vs-original, the JSON record; default: %(default)s)")
     add_set_argument(parser, "override applied to every run")
     parser.add_argument("--force", action="store_true", help="replace the runs a previous repro left in --out "
                         "(finished teachers of the same config are still reused)")
@@ -88,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "PIL over JPEG files, fp32, NCHW, teacher BN in train mode, unfused SGD) against fastcd's "
                         "fastest path on the same data, students and seeds (fastcd.vs_original)")
     parser.add_argument("--knob-steps", type=int, default=20, help="--vs-original: timed steps per knob of the "
-                        "per-knob breakdown (0 skips it)")
+                        "per-knob breakdown (0 skips it; default %(default)s)")
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str]]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from fastcd.config import add_set_argument, load_config
 from fastcd.engine.runtime import is_main_process
 from fastcd.engine.trainer import train
@@ -17,10 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start afresh in a run folder that holds another run (its files are removed)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (every default and "
+                        "--set applied, as the run's config.yaml would hold it) and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
     if history and is_main_process():
         best = min(history, key=lambda r: r["val_top1_err"])
