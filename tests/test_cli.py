@@ -133,14 +133,6 @@ def test_every_option_a_subcommand_module_mentions_is_one_of_its_own():
             assert named <= own, f"{module_name}: {sorted(named - own)}"
 
 
-def test_no_message_has_a_doubled_article():
-    pattern = re.compile(r"\b(?:no|a|an|the) (?:the|a|an)\b")
-    found = [f"{path.relative_to(ROOT)}: {n.value!r}" for folder in ("fastcd", "data_prep", "bench", "kernels")
-             for path in (ROOT / folder).rglob("*.py") for n in ast.walk(ast.parse(path.read_text()))
-             if isinstance(n, ast.Constant) and isinstance(n.value, str) and pattern.search(n.value)]
-    assert not found, found
-
-
 def test_an_uninstalled_checkout_fails_with_a_one_line_hint():
     """From the source tree without `pip install -e .`, fastcd.kernels/data_prep/bench do not exist."""
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in "
