@@ -490,6 +490,18 @@ def test_unreadable_folders(small_tree, monkeypatch):
         prepare(small_tree.parent / "locked", small_tree.parent / "out2", workers=1, **OPTIONS)
 
 
+def test_a_bad_entry_costs_that_entry_only(small_tree):
+    """A symlink loop in a class folder (or in a split folder) is skipped by name; its class keeps every good
+    image."""
+    (small_tree / "train" / "a" / "loop.JPEG").symlink_to(small_tree / "train" / "a" / "loop.JPEG")
+    (small_tree / "train" / "ring").symlink_to(small_tree / "train" / "ring")
+    train = prepare(small_tree, small_tree.parent / "out", formats=["dali"], workers=1, **OPTIONS)["splits"]["train"]
+    assert train["num_samples"] == 4 and not train.get("empty_classes")
+    assert {s["path"]: s["reason"] for s in train["skipped"]} == {
+        "train/a/loop.JPEG": "cannot be read (Too many levels of symbolic links)",
+        "train/ring": "cannot be read (Too many levels of symbolic links)"}
+
+
 def test_labels_file_layouts(tmp_path):
     path = tmp_path / "val.txt"
     path.write_text("ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\n")
