@@ -502,6 +502,26 @@ def test_a_bad_entry_costs_that_entry_only(small_tree):
         "train/ring": "cannot be read (Too many levels of symbolic links)"}
 
 
+def test_changed_pixels_are_found_only_with_rehash(small_tree, tmp_path, capsys):
+    """A rerun compares file names, labels and options, and says so; `--rehash` re-reads SRC, finds a file whose
+    pixels changed (same name, same label) and rebuilds its split from the new pixels."""
+    out = tmp_path / "out"
+    first = prepare(small_tree, out, formats=["dali"], workers=1, progress=False)
+    changed = small_tree / "train" / "a" / sorted(os.listdir(small_tree / "train" / "a"))[0]
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(changed, format="JPEG")
+    assert prepare(small_tree, out, formats=["dali"], workers=1) == first
+    assert "not the files' contents: --rehash re-reads them" in capsys.readouterr().out
+    assert main(["prepare", str(small_tree), str(out), "--formats", "dali", "--workers", "1", "--rehash"]) == 0
+    assert "split(s) train changed since they were prepared" in capsys.readouterr().err
+    rebuilt = load_manifest(out)
+    assert rebuilt["splits"]["val"]["source_sha256"] == first["splits"]["val"]["source_sha256"]
+    assert rebuilt["splits"]["train"]["source_sha256"] != first["splits"]["train"]["source_sha256"]
+    new_pixels = np.asarray(Image.open(io.BytesIO(split_samples(out, rebuilt, "train")[0][1])))
+    assert abs(int(new_pixels.mean()) - 200) <= 2
+    assert prepare(small_tree, out, formats=["dali"], workers=1, rehash=True) == rebuilt
+    assert "re-hashed and unchanged" in capsys.readouterr().out
+
+
 def test_labels_file_layouts(tmp_path):
     path = tmp_path / "val.txt"
     path.write_text("ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\n")
