@@ -27,14 +27,16 @@ RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # of th
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="batch sizes")
-    parser.add_argument("--image-size", type=int, default=224, help="input side; stages are /4 .. /32")
-    parser.add_argument("--classes", type=int, default=1000, help="logit width for the GKD loss")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256], help="batch sizes (default: 64 256)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="input side; stages are /4 .. /32 (default %(default)s)")
+    parser.add_argument("--classes", type=int, default=1000, help="logit width for the GKD loss (default %(default)s)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="input precision (default %(default)s)")
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
                         help="memory layouts of the CD maps (default both)")
     parser.add_argument("--impls", nargs="+", default=["eager", "compile", "triton", "cuda"],
-                        choices=["eager", "compile", "triton", "cuda"])
+                        choices=["eager", "compile", "triton", "cuda"], help="implementations to time, each against "
+                        "eager (default: all four; cuda needs the built extension)")
     parser.add_argument("--cpu", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1 (proves it runs; times mean nothing)")
     parser.add_argument("--no-record", action="store_true", help="do not append to the results folder")

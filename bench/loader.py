@@ -162,11 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list of {','.join(BACKENDS)}")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where fastcd's backends deliver batches (auto: the GPU when there is one)")
-    parser.add_argument("--res", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader workers/threads")
-    parser.add_argument("--images", type=int, default=2000, help="images to generate when PREPARED is empty")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
+    parser.add_argument("--res", type=int, default=224, help="training crop side in pixels (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=256, help="batch size (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="loader workers/threads (default: all cores)")
+    parser.add_argument("--images", type=int, default=2000, help="images to generate when PREPARED is empty "
+                        "(default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="timed epochs after the warm-up epoch (default %(default)s)")
     add_out_argument(parser)
 
 

@@ -181,10 +181,14 @@ def measure(way: str, src: Path, workers: int, max_side: int, quality: int) -> d
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                         help=f"images to convert (default {DEFAULT_IMAGES})")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes for every way")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each way (interleaved); median reported")
-    parser.add_argument("--max-side", type=int, default=MAX_SIDE)
-    parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="worker processes for every way (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each way (interleaved); median reported "
+                        "(default %(default)s)")
+    parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="longest side of the prepared images, "
+                        "as `fastcd prepare --max-side` (default %(default)s)")
+    parser.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help="quality of re-encoded JPEGs, as "
+                        "`fastcd prepare --jpeg-quality` (default %(default)s)")
     parser.add_argument("--cache", type=Path, default=CACHE, help=f"where the generated images live ({CACHE})")
     add_out_argument(parser)
 

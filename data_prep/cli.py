@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ffcv-write-mode", choices=WRITE_MODES, default="jpg",
                         help="ffcv image storage (default jpg: the same JPEG bytes as the shards)")
     parser.add_argument("--ffcv-compress-probability", type=float, default=0.5,
-                        help="fraction stored as JPEG in ffcv's 'proportion' mode")
+                        help="fraction stored as JPEG in ffcv's 'proportion' mode "
+                        "(default %(default)s)")
+    parser.add_argument("--rehash", action="store_true", help="re-read and hash every source file to find changed "
+                        "contents (a rerun otherwise compares file names, labels and options only) and redo what "
+                        "changed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.upgrade:
         if args.src or args.out:
             raise FastcdError("--upgrade OUT takes no SRC/OUT arguments: use `fastcd prepare --upgrade OUT`")
-        from fastcd.data_prep.sample_table import upgrade
+        from fastcd.data_prep.prepare import upgrade
 
         done = upgrade(args.upgrade, progress=not args.quiet)
         print(f"{args.upgrade}: " + (f"added the sample table of {', '.join(done)}" if done else "already current"))
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                        jpeg_quality=args.jpeg_quality, workers=args.workers, shard_samples=args.shard_samples,
                        labels=args.labels, strict=args.strict, progress=not args.quiet, limit=args.limit,
                        ffcv_write_mode=args.ffcv_write_mode,
-                       ffcv_compress_probability=args.ffcv_compress_probability)
+                       ffcv_compress_probability=args.ffcv_compress_probability, rehash=args.rehash)
     for name, split in manifest["splits"].items():
         if split["skipped"]:
             print(f"{name}: skipped {len(split['skipped'])} file(s) or folder(s), e.g. "

@@ -10,12 +10,13 @@ Runs in worker processes: everything here is a plain function of its arguments.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import stat
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class Normalised:
     height: int = 0
     outcome: str = "skipped"  # passed | encoded | resized | repaired | skipped
     note: str = ""  # what was repaired, or why it was skipped
+    source_sha256: str = ""  # of the source's bytes as read ("" when unreadable): `prepare --rehash` compares it
 
 
 class Unscalable(ValueError):
@@ -171,12 +173,18 @@ def _read(path: str) -> bytes | str:
         return f"cannot read file ({e.strerror})"
 
 
+def source_sha256(item: str | np.ndarray) -> str:
+    """The sha256 of a source item's bytes as `normalise_item` reads them ("" for a file that cannot be read)."""
+    data = item.tobytes() if isinstance(item, np.ndarray) else _read(item)
+    return "" if isinstance(data, str) else hashlib.sha256(data).hexdigest()
+
+
 def normalise_file(path: str, max_side: int, quality: int) -> Normalised:
     """Read and normalise one image file; unreadable files are skipped with the reason."""
     data = _read(path)
     if isinstance(data, str):
         return _skipped(data)
-    return normalise_bytes(data, path, max_side, quality)
+    return replace(normalise_bytes(data, path, max_side, quality), source_sha256=hashlib.sha256(data).hexdigest())
 
 
 def normalise_pixels(pixels: np.ndarray, max_side: int, quality: int) -> Normalised:
@@ -191,5 +199,5 @@ def normalise_pixels(pixels: np.ndarray, max_side: int, quality: int) -> Normali
 def normalise_item(item: str | np.ndarray, max_side: int, quality: int) -> Normalised:
     """Worker entry point: a file path or a pixel array."""
     if isinstance(item, np.ndarray):
-        return normalise_pixels(item, max_side, quality)
+        return replace(normalise_pixels(item, max_side, quality), source_sha256=source_sha256(item))
     return normalise_file(item, max_side, quality)

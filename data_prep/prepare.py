@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from fastcd.data_prep.beton import WRITE_MODES, write_beton
 from fastcd.data_prep.manifest import FORMAT_VERSION, load_manifest, manifest_path, write_manifest
-from fastcd.data_prep.normalise import Normalised, normalise_item
+from fastcd.data_prep.normalise import Normalised, normalise_item, source_sha256
 from fastcd.data_prep.outdir import claimed
 from fastcd.data_prep.pool import Lost, WorkerPool
 from fastcd.data_prep.sample_table import add_missing_tables, missing_tables, shard_rows, write_table
@@ -84,11 +84,12 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
     folder.mkdir(parents=True, exist_ok=True)
     tmp_tar, tmp_idx = folder / f".{stem}.tar.tmp", folder / f".{stem}.idx.tmp"
     writer = ShardWriter(tmp_tar, tmp_idx)
-    skipped, repaired, counts, per_class = [], [], Counter(), Counter()
+    skipped, repaired, counts, per_class, sources = [], [], Counter(), Counter(), hashlib.sha256()
     labels, sizes = [], []  # of the samples written, for the split's sample table
     try:
         for i in range(lo, hi):
             r = next(results)
+            sources.update(r.source_sha256.encode())
             counts[r.outcome] += 1
             bar.update()
             if r.jpeg is None:
@@ -105,7 +106,7 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
         tmp_tar.unlink(missing_ok=True)
         raise
     record = {"num_samples": writer.num_samples, "first_key": first_key, **writer.close(),
-              "skipped": skipped, "repaired": repaired, "counts": dict(counts),
+              "skipped": skipped, "repaired": repaired, "counts": dict(counts), "source_sha256": sources.hexdigest(),
               "classes": {str(label): n for label, n in sorted(per_class.items())}, "labels": labels,
               "sizes": sizes}
     if writer.num_samples:
@@ -117,11 +118,25 @@ def _write_shard(split: SplitSource, lo: int, hi: int, first_key: int, folder: P
     return record
 
 
-def _finished_shard(state: RunState, split: str, folder: Path, stem: str) -> dict | None:
+def shard_sources(split: SplitSource, lo: int, hi: int) -> str:
+    """The digest of source items [lo, hi) as they are now (read and hashed here: `--rehash`), equal to the
+    shard record's `source_sha256` when none changed since it was written."""
+    return hashlib.sha256("".join(source_sha256(split.items[i]) for i in range(lo, hi)).encode()).hexdigest()
+
+
+def split_sources(records: list[dict]) -> str:
+    """The digest of a split's source bytes, from its shard records (the manifest's `source_sha256`)."""
+    return hashlib.sha256("".join(r["source_sha256"] for r in records).encode()).hexdigest()
+
+
+def _finished_shard(state: RunState, split: SplitSource, folder: Path, stem: str, sources: str | None) -> dict | None:
     """The record of a shard finished by an earlier (interrupted) run, if its files are there with the
-    recorded sha256 (a shard damaged since is redone)."""
-    record = state.load(f"{split}/{stem}")
-    if record is None or not record["num_samples"]:
+    recorded sha256 (a shard damaged since is redone) and, when `sources` is given (`--rehash`), its source
+    files hash as they did then (a shard whose sources changed is redone)."""
+    record = state.load(f"{split.name}/{stem}")
+    if record is None or (sources is not None and record.get("source_sha256") != sources):
+        return None
+    if not record["num_samples"]:
         return record
     tar, idx = folder / f"{stem}.tar", folder / f"{stem}.idx"
     intact = tar.is_file() and idx.is_file() and sha256_file(tar) == record["sha256"] \
@@ -130,12 +145,13 @@ def _finished_shard(state: RunState, split: str, folder: Path, stem: str) -> dic
 
 
 def _convert_split(split: SplitSource, out: Path, state: RunState, dali: bool, opts: dict,
-                   pool: WorkerPool, progress: bool) -> tuple[list[dict], Counter]:
+                   pool: WorkerPool, progress: bool, rehash: bool) -> tuple[list[dict], Counter]:
     """Write (or resume) every shard of `split`; return the shard records, in order, and outcome counts."""
     size, n = opts["shard_samples"], len(split.names)
     folder = out / split.name if dali else state.staging(split.name)
     stems = [shard_name(s) for s in range(math.ceil(n / size))]
-    records = [_finished_shard(state, split.name, folder, stem) for stem in stems]
+    records = [_finished_shard(state, split, folder, stem, shard_sources(split, s * size, min(n, (s + 1) * size))
+                               if rehash else None) for s, stem in enumerate(stems)]
     todo = [s for s, r in enumerate(records) if r is None]
     todo_count = sum(min(n, (s + 1) * size) - s * size for s in todo)
     results = _normalised(pool, split, todo, size)
@@ -198,10 +214,10 @@ def _no_samples(split: str, skipped: list[dict]) -> FastcdError:
 
 
 def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: RunState, formats: list[str],
-                   opts: dict, pool: WorkerPool, strict: bool, progress: bool) -> dict:
+                   opts: dict, pool: WorkerPool, strict: bool, progress: bool, rehash: bool) -> dict:
     """Convert one split into the asked formats; return its manifest entry."""
     start = time.perf_counter()
-    records, counts = _convert_split(split, out, state, "dali" in formats, opts, pool, progress)
+    records, counts = _convert_split(split, out, state, "dali" in formats, opts, pool, progress, rehash)
     skipped = split.skipped + [s for r in records for s in r["skipped"]]
     if strict and skipped:
         raise _strict_failure(split.name, skipped)
@@ -223,7 +239,8 @@ def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: Run
     entry = {"num_samples": sum(r["num_samples"] for r in records), **beton, "shards": shards, **table,
              "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
              "empty_classes": [c for i, c in enumerate(classes) if i not in present],
-             "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")}}
+             "stats": {k: counts[k] for k in ("passed", "resized", "repaired", "encoded", "skipped")},
+             "source_sha256": split_sources(records)}
     entry["stats"]["skipped"] = len(skipped)
     if progress:
         print(_summary(split.name, entry, time.perf_counter() - start), file=sys.stderr)
@@ -251,22 +268,41 @@ def _existing(out: Path, digest: str, progress: bool) -> dict | None:
     return manifest
 
 
+def _changed_splits(source: Source, manifest: dict, shard_samples: int) -> list[str]:
+    """The splits whose source files no longer hash as when `manifest` was written (read here: `--rehash`)."""
+    changed = []
+    for name, split in source.splits.items():
+        n = len(split.names)
+        now = [{"source_sha256": shard_sources(split, lo, min(n, lo + shard_samples))}
+               for lo in range(0, n, shard_samples)]
+        if manifest["splits"][name].get("source_sha256") != split_sources(now):
+            changed.append(name)
+    return changed
+
+
 def _prepare_locked(out: Path, source: Source, opts: dict, digest: str, workers: int, strict: bool,
-                    progress: bool) -> dict:
+                    progress: bool, rehash: bool) -> dict:
     manifest = _existing(out, digest, progress)
-    if manifest is not None:
+    changed = _changed_splits(source, manifest, opts["shard_samples"]) if manifest is not None and rehash else []
+    if manifest is not None and not changed:
         if missing_tables(manifest):
             return add_missing_tables(out, manifest, progress)
         if progress:
-            print(f"{out} is already prepared with these arguments; nothing to do")
+            checked = "their files re-hashed and unchanged" if rehash else (
+                "file names, labels and options compared, not the files' contents: --rehash re-reads them")
+            print(f"{out} is already prepared from this source with these arguments ({checked}); nothing to do")
         return manifest
+    if changed and progress:
+        print(f"{out}: source files of split(s) {', '.join(changed)} changed since they were prepared (or were not "
+              "hashed then); rebuilding",
+              file=sys.stderr)
     state = RunState(out, digest, list(source.splits))
     entries = {}
     with WorkerPool(partial(normalise_item, max_side=opts["max_side"], quality=opts["jpeg_quality"]), workers,
                     ITEM_SECONDS) as pool:
         for name, split in source.splits.items():
             entries[name] = _prepare_split(split, source.classes, out, state, opts["formats"], opts, pool, strict,
-                                           progress)
+                                           progress, rehash)
     manifest = {"format_version": FORMAT_VERSION, "classes": source.classes,
                 "options": {**opts, "workers": workers, "strict": strict}, "digest": digest, "splits": entries}
     write_manifest(out, manifest)
@@ -278,10 +314,13 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
             splits: Sequence[str] | None = None, max_side: int = MAX_SIDE, jpeg_quality: int = JPEG_QUALITY,
             workers: int | None = None, shard_samples: int = SHARD_SAMPLES, labels: str | None = None,
             strict: bool = False, progress: bool = True, limit: int | None = None,
-            ffcv_write_mode: str = "jpg", ffcv_compress_probability: float = 0.5) -> dict:
+            ffcv_write_mode: str = "jpg", ffcv_compress_probability: float = 0.5, rehash: bool = False) -> dict:
     """Convert SRC (ImageNet-layout folder, flat folder + `labels`, or 'fashion-mnist') into OUT.
 
-    `splits=None` takes every split SRC has; `limit` keeps the first N samples per split.
+    `splits=None` takes every split SRC has; `limit` keeps the first N samples per split. A finished OUT (or
+    the finished shards of an interrupted run) is kept when SRC lists the same files with the same labels and
+    the options are the same; its files' contents are compared only with `rehash` (every source file is read
+    and hashed again; a split, or an interrupted run's shard, whose sources changed is redone).
     Returns the manifest (also written to OUT/manifest.json, last).
     """
     formats, workers = list(formats), workers or os.cpu_count() or 1
@@ -297,8 +336,21 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, *, formats: Sequence
     digest = _digest(opts, source)
     with claimed(out, str(src), [*source.splits, WORK_DIR]):
         try:
-            return _prepare_locked(out, source, opts, digest, workers, strict, progress)
+            return _prepare_locked(out, source, opts, digest, workers, strict, progress, rehash)
         except OSError as e:
             where = f" ({e.filename})" if e.filename else ""
             raise FastcdError(f"prepare into {out} stopped: {e.strerror}{where}; fix that and run the same "
                               f"command again (finished shards are kept)") from e
+
+
+def upgrade(out: str | Path, progress: bool = True) -> list[str]:
+    """`fastcd prepare --upgrade OUT`: add the sample tables an earlier fastcd did not write, under OUT's
+    lock. Returns the splits upgraded (none when OUT is current)."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    with claimed(out, manifest["options"]["src"], list(manifest["splits"])):
+        manifest = load_manifest(out)  # as it is now that OUT is ours
+        todo = missing_tables(manifest)
+        if todo:
+            add_missing_tables(out, manifest, progress)
+    return todo

@@ -6,8 +6,8 @@ reads everything it needs per batch from this table by vectorised indexing (no t
 JPEG header or label to read per sample, in any process). The manifest records the table's sha256 and
 size; `fastcd prepare --verify` checks its rows against the tars.
 
-Folders prepared before the table existed get it from `fastcd prepare --upgrade OUT` (`upgrade`), which
-computes it once from the indexes, the labels and the JPEG headers.
+Folders prepared before the table existed get it from `fastcd prepare --upgrade OUT` (`prepare.upgrade`,
+through `add_missing_tables`), which computes it once from the indexes, the labels and the JPEG headers.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastcd.data_prep.manifest import write_manifest
 from fastcd.data_prep.shards import read_index
 from fastcd.utils.atomic import atomic_path
 
@@ -88,8 +89,6 @@ def missing_tables(manifest: dict) -> list[str]:
 
 def add_missing_tables(out: Path, manifest: dict, progress: bool) -> dict:
     """Compute, write and record the tables `manifest` lacks; rewrite the manifest (atomically, last)."""
-    from fastcd.data_prep.manifest import write_manifest
-
     for name in missing_tables(manifest):
         entry = manifest["splits"][name]
         shards = tqdm(entry["shards"], desc=f"{name} sample table", unit="shard", disable=not progress)
@@ -98,18 +97,3 @@ def add_missing_tables(out: Path, manifest: dict, progress: bool) -> dict:
     write_manifest(out, manifest)
     return manifest
 
-
-def upgrade(out: str | Path, progress: bool = True) -> list[str]:
-    """`fastcd prepare --upgrade OUT`: add the sample tables an earlier fastcd did not write, under OUT's
-    lock. Returns the splits upgraded (none when OUT is current)."""
-    from fastcd.data_prep.manifest import load_manifest
-    from fastcd.data_prep.outdir import claimed
-
-    out = Path(out)
-    manifest = load_manifest(out)
-    with claimed(out, manifest["options"]["src"], list(manifest["splits"])):
-        manifest = load_manifest(out)  # as it is now that OUT is ours
-        todo = missing_tables(manifest)
-        if todo:
-            add_missing_tables(out, manifest, progress)
-    return todo

@@ -44,32 +44,39 @@ def shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _entries(folder: Path) -> tuple[list[str], list[str]]:
-    """Sorted visible sub-folder names and file names of `folder`."""
-    dirs, files = [], []
+def _entries(folder: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Sorted visible sub-folder names and file names of `folder`, and the entries that cannot be told apart
+    (a symlink loop, say) with the reason: one bad entry costs that entry, not the folder."""
+    dirs, files, bad = [], [], []
     with os.scandir(folder) as it:
         for entry in it:
-            if not entry.name.startswith("."):
+            if entry.name.startswith("."):
+                continue
+            try:
                 (dirs if entry.is_dir() else files).append(entry.name)
-    return sorted(dirs), sorted(files)
+            except OSError as e:
+                bad.append((entry.name, f"cannot be read ({e.strerror})"))
+    return sorted(dirs), sorted(files), sorted(bad)
 
 
 def _tree_split(src: Path, split: str, folder: Path, classes: list[str]) -> SplitSource:
     index = {c: i for i, c in enumerate(classes)}
-    class_dirs, stray = _entries(folder)
+    class_dirs, stray, bad = _entries(folder)
     out = SplitSource(split, [], [], [], [{"path": shown(f"{split}/{name}"), "reason": "not inside a class folder"}
                                           for name in stray])
+    out.skipped += [{"path": shown(f"{split}/{name}"), "reason": reason} for name, reason in bad]
     for cls in class_dirs:
         if cls not in index:
             raise FastcdError(f"{folder / cls} is a class folder missing from the class list taken from "
                               f"{src}/train; every split must use the training classes")
         try:
-            sub_dirs, files = _entries(folder / cls)
+            sub_dirs, files, bad = _entries(folder / cls)
         except OSError as e:
             out.skipped.append({"path": shown(f"{split}/{cls}/"), "reason": f"cannot list the folder ({e.strerror})"})
             continue
         out.skipped += [{"path": shown(f"{split}/{cls}/{d}/"), "reason": "a folder inside a class folder (not read: "
                          "images must lie directly in the class folder)"} for d in sub_dirs]
+        out.skipped += [{"path": shown(f"{split}/{cls}/{name}"), "reason": reason} for name, reason in bad]
         for name in files:
             out.items.append(str(folder / cls / name))
             out.names.append(shown(f"{split}/{cls}/{name}"))
@@ -81,8 +88,9 @@ def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes:
     by_name = read_labels(labels_file, classes)
     index = {c: i for i, c in enumerate(classes)}
     prefix = "" if folder == src else f"{split}/"
-    out = SplitSource(split, [], [], [])
-    for name in _entries(folder)[1]:
+    _, files, bad = _entries(folder)
+    out = SplitSource(split, [], [], [], [{"path": shown(prefix + name), "reason": reason} for name, reason in bad])
+    for name in files:
         cls = label_for(name, by_name)
         if cls is None:
             out.skipped.append({"path": shown(prefix + name), "reason": f"no label in {labels_file.name}"})
@@ -97,7 +105,7 @@ def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes:
 
 
 def _open_tree(src: Path, splits: Sequence[str] | None, labels_file: Path | None) -> Source:
-    top_dirs, top_files = _entries(src)
+    top_dirs, top_files, _ = _entries(src)
     if not top_dirs and top_files:  # SRC itself is a flat validation folder
         if labels_file is None:
             raise FastcdError(f"{src} holds files but no split folders; for a flat validation folder "

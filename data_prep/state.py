@@ -17,7 +17,8 @@ from fastcd.utils.atomic import atomic_write_json
 
 WORK_DIR = ".prepare"
 PLAN_NAME = "plan.json"
-STATE_VERSION = 2  # the layout of the records; older records are dropped, not misread
+# The layout of the records (3: a shard records its sources' sha256); older records are dropped, not misread.
+STATE_VERSION = 3
 
 
 def remove_stale_temporaries(out: Path, splits: list[str]) -> None:

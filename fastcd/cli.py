@@ -2,12 +2,16 @@
 so a library that fails to import (say DALI) breaks only the commands that need it.
 
 A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+
+kernels/, data_prep/ and bench/ import as fastcd.kernels, fastcd.data_prep and fastcd.bench only once fastcd is
+installed (setup.py's package_dir); run from a checkout that is not, a command that needs one says so in a line.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import signal
 import sys
 import threading
@@ -24,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "repro": ("fastcd.commands.repro", "accuracy reproduction of the seed's table on real data"),
     "cache-teacher": ("fastcd.commands.cache_teacher", "store the teacher's targets for a config's crops once, "
                       "so training runs no teacher (teacher.cache)"),
+    "configs": ("fastcd.commands.configs", "list the shipped experiment configs, one line each"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "prepare": ("fastcd.bench.prepare", "dataset conversion: FFCV writer vs shard writer vs both"),
@@ -34,9 +39,14 @@ BENCHES: dict[str, tuple[str, str]] = {
 }
 
 
+MAPPED = ("fastcd.kernels", "fastcd.data_prep", "fastcd.bench")  # folders that import under fastcd once installed
+NOT_INSTALLED = ("fastcd is not installed: kernels/, data_prep/ and bench/ import as fastcd.kernels, fastcd.data_prep "
+                 "and fastcd.bench only through the install; run `make setup` (or `pip install -e .`) in the checkout")
+
+
 def _usage(table: dict[str, tuple[str, str]], prog: str) -> str:
     width = max(len(k) for k in table)
-    lines = [f"usage: {prog} COMMAND [ARGS...]", "", "commands:"]
+    lines = [f"usage: {prog} [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in table.items()]
     return "\n".join(lines)
 
@@ -82,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     table, prog = COMMANDS, "fastcd"
     if argv and argv[0] == "bench":
         table, prog, argv = BENCHES, "fastcd bench", argv[1:]
+    if argv[:1] == ["--version"] and table is COMMANDS:
+        try:
+            print(f"fastcd {importlib.metadata.version('fastcd')}")
+        except importlib.metadata.PackageNotFoundError:
+            _error_line(f"fastcd: error: {NOT_INSTALLED}")
+            return 2
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         extra = "" if table is BENCHES else "\n  bench    benchmarks (fastcd bench --help)"
         print(_usage(table, prog) + extra)
@@ -95,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             return _run_module(table[name][0], f"{prog} {name}", rest)
     except FastcdError as e:
         _error_line(f"{prog} {name}: error: {e}")
+        return 2
+    except ModuleNotFoundError as e:
+        if ".".join((e.name or "").split(".")[:2]) not in MAPPED:
+            raise
+        _error_line(f"{prog} {name}: error: no module {e.name}; {NOT_INSTALLED}")
         return 2
     except KeyboardInterrupt as e:
         _stopped(prog, name, "interrupted", e)

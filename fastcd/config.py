@@ -18,9 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from fastcd.errors import FastcdError
-from fastcd.losses.registry import TEACHER_INPUTS, loss_class, loss_params, nearest
+from fastcd.names import BASE_EPOCHS, TEACHER_INPUTS, loss_entry, nearest
 from fastcd.paths import shipped_config
-from fastcd.schedules.loss_rate import BASE_EPOCHS
 from fastcd.utils.ranges import Range, check_range
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet152"]
@@ -97,7 +96,7 @@ class LossSpec:
 
 def resolve_loss_type(loss_name: str, loss_type: str | None, where: str = "") -> str:
     """`loss_type` of a loss_list entry: the loss's family when not given; a contradicting family is an error."""
-    family = loss_class(loss_name).family
+    family = loss_entry(loss_name).family
     if loss_type not in (None, family):
         raise FastcdError(f"{where + ': ' if where else ''}{loss_name} is a {family} loss, loss_type {loss_type} "
                           f"contradicts it (the loss-rate decay would treat it as another family); "
@@ -284,7 +283,7 @@ def _loss_spec(raw: dict[str, Any], where: str) -> LossSpec:
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items() if k in core}
     kwargs["loss_type"] = resolve_loss_type(kwargs["loss_name"], kwargs.get("loss_type"), where)
     params = {k: v for k, v in raw.items() if k not in core}
-    allowed = loss_params(kwargs["loss_name"])
+    allowed = list(loss_entry(kwargs["loss_name"]).params)
     for key in params:
         if key not in allowed:
             raise FastcdError(f"unknown key {where}.{key} for loss {kwargs['loss_name']!r}"
@@ -467,7 +466,7 @@ def validate(cfg: Config) -> None:
                 raise FastcdError(f"optim.{name}: {v} is past the {cfg.train.dataset_type} preset's {base} epochs "
                                   f"(it counts epochs of a {base}-epoch run and scales to train.epochs)")
     for i, spec in enumerate(cfg.loss_list):
-        needs = set(loss_class(spec.loss_name).inputs)
+        needs = set(loss_entry(spec.loss_name).inputs)
         if cfg.teacher is None and needs & set(TEACHER_INPUTS):
             raise FastcdError(f"loss_list[{i}] {spec.loss_name} needs a teacher but teacher is null")
         if cfg.teacher is not None and cfg.teacher.cache and "tea_feats" in needs:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcd.config import Config, drop_overrides_into_null, load_config
-from fastcd.engine.run_folder import check_run_folder
+from fastcd.engine.run_folder import existing_run_files
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class
@@ -150,8 +150,10 @@ def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, 
     reusable = {id(cfg): history for _, exp, cfg in plan if exp.key == TEACHER and not fresh_teacher
                 and (history := finished_run(cfg)) is not None}
     for _, _, cfg in plan:
-        if id(cfg) not in reusable:
-            check_run_folder(cfg, resume=False, force=force)
+        found = existing_run_files(cfg.out_path)
+        if found and not force and id(cfg) not in reusable:
+            raise FastcdError(f"run folder {str(cfg.out_path)!r} already holds a run ({', '.join(found)}); replace "
+                              "the runs with --force, or choose another folder with --out")
     results = []
     for seed, exp, cfg in plan:
         where = "" if seed is None else f", seed {seed}"

@@ -1,8 +1,9 @@
 """Where fastcd finds what it ships and where it writes by default, decided here once.
 
-Run from a checkout (an editable install), the configs and the benchmark results folder are the
-checkout's own `configs/` and `bench/results/`. Installed from a wheel, the configs are package data
-(`fastcd/configs/`) and results go to `fastcd-results/` under the current directory.
+Run from a checkout (an editable install), the configs are the checkout's own `configs/`; installed from a
+wheel, they are package data (`fastcd/configs/`). Benchmark results and reproduction reports go to
+`fastcd-results/` under the current directory either way, never into the checkout: the committed records in
+`bench/results/` are written there only when asked (`--out bench/results`, `--report-dir bench/results`).
 """
 from __future__ import annotations
 
@@ -35,5 +36,5 @@ def shipped_config(path: str | Path) -> Path | None:
 
 
 def results_dir() -> Path:
-    """The default folder of benchmark results and reports."""
-    return SOURCE_ROOT / "bench" / "results" if SOURCE_ROOT else Path.cwd() / "fastcd-results"
+    """The default folder of benchmark results and reports: `fastcd-results/` under the current directory."""
+    return Path.cwd() / "fastcd-results"

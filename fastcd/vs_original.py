@@ -5,7 +5,7 @@
    once with `fastcd prepare` (timed, and not counted per run: it is done once per dataset);
 2. trains one teacher (fastcd, on the idx files; reused when a finished run of the same config is there);
 3. measures, in a spawned process, what each knob buys per training step (the per-knob breakdown, from
-   `fastcd bench train`'s machinery): the original, then the teacher's BatchNorm in eval mode, folded,
+   `fastcd.knobs`, as `fastcd bench train` runs them): the original, then the teacher's BatchNorm in eval mode, folded,
    channels_last, bf16 autocast, the fused optimizer, then each prepared-data loader backend;
 4. trains CD+GKD+EDT once per seed with each pipeline, interleaved (original, fastcd, next seed), so load
    that drifts during the run falls on both:
@@ -33,9 +33,10 @@ from fastcd.config import load_config
 from fastcd.data.fashion_mnist_jpeg import write_jpeg_tree
 from fastcd.errors import FastcdError
 from fastcd.experiments import TEACHER, Experiment, Result, cpu_seconds, run_experiments, table_rows
-from fastcd.losses.registry import loss_params
+from fastcd.knobs import Knob, impl_overrides, run_knobs, table
 from fastcd.paths import configs_dir
 from fastcd.report import Row, mean_sd, paired
+from fastcd.reproduction import command_line, epochs_for, machine_line
 from fastcd.utils.atomic import atomic_write_bytes
 
 CONFIGS = configs_dir() / "fashion-mnist"
@@ -51,10 +52,9 @@ FAST_DEFAULT = ("dali", [o for _, knob in KNOBS for o in knob])
 NOISE = 0.03  # a knob is left out only when the breakdown found it slower by more than this (20-step timings)
 
 
-def impl_overrides(impl: str) -> list[str]:
+def distilled_impl(impl: str) -> list[str]:
     """`impl` for every loss of the distilled config that has fused kernels (eager = the original)."""
-    cfg = load_config(CONFIGS / f"{DISTILLED}.yaml")
-    return [f"loss_list.{i}.impl={impl}" for i, s in enumerate(cfg.loss_list) if "impl" in loss_params(s.loss_name)]
+    return impl_overrides(load_config(CONFIGS / f"{DISTILLED}.yaml"), impl)
 
 
 def original_overrides(tree: Path, workers: int) -> list[str]:
@@ -62,7 +62,7 @@ def original_overrides(tree: Path, workers: int) -> list[str]:
     BatchNorm in train mode, unfused SGD, no compile."""
     return ["data.backend=imagefolder", f"data.path={tree}", f"data.workers={workers}", "train.amp=fp32",
             "train.channels_last=false", "teacher.bn_mode=train", "teacher.fold_bn=false", "optim.fused=false",
-            "train.compile=false", *impl_overrides("eager")]
+            "train.compile=false", *distilled_impl("eager")]
 
 
 def merged(overrides: list[str]) -> list[str]:
@@ -78,7 +78,7 @@ def fast_overrides(prepared: Path, workers: int, backend: str, knobs: list[str])
     """fastcd's path: the prepared shards through `backend`, every knob off unless `knobs` turns it on."""
     return merged([f"data.backend={backend}", f"data.path={prepared}", f"data.workers={workers}", "train.amp=fp32",
                    "train.channels_last=false", "teacher.bn_mode=eval", "teacher.fold_bn=false", "optim.fused=false",
-                   "train.compile=false", *impl_overrides("auto"), *knobs])
+                   "train.compile=false", *distilled_impl("auto"), *knobs])
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Choice:
 
 def breakdown(common: list[str], tree: Path, prepared: Path, workers: int, steps: int) -> list[dict]:
     """Images/s of the training step: the original, then each knob on top of the ones before, then each
-    prepared-data backend in place of ImageFolder (`fastcd bench train`'s `run_knobs`; a random teacher).
+    prepared-data backend in place of ImageFolder (`fastcd.knobs.run_knobs`; a random teacher).
     Measured in a spawned process, so the loaders' threads (numba's, DALI's) and memory stay out of the
     timed runs that follow."""
     ctx = multiprocessing.get_context("spawn")
@@ -112,8 +112,6 @@ def breakdown(common: list[str], tree: Path, prepared: Path, workers: int, steps
 
 def _breakdown(send: Connection, common: list[str], tree: Path, prepared: Path, workers: int, steps: int) -> None:
     """The breakdown's rows, sent through `send` (runs in the spawned process)."""
-    from fastcd.bench.train import Knob, run_knobs
-
     knobs = [Knob("original", original_overrides(tree, workers)), *[Knob(n, list(o)) for n, o in KNOBS],
              *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={prepared}"], alternative=True)
                for b in LOADERS]]
@@ -180,8 +178,6 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
            knob_rows: list[dict], setup: dict[str, float], common: list[str], seconds: float,
            cpu: float) -> tuple[str, float]:
     """The markdown report, and the wall-clock ratio (fastcd / original)."""
-    from fastcd.commands.repro import command_line, machine_line
-
     original, fast = rows["original"], rows["fastcd"]
     teacher_epochs = setup["teacher_epochs"]
     teacher_how = ("reused from an earlier run" if setup["teacher"] == 0 else
@@ -219,8 +215,6 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
              "the knobs above it; the loader rows replace ImageFolder with each prepared-data backend):", "",
              *choice.reasons, ""]
     if knob_rows:
-        from fastcd.bench.train import table
-
         lines += [table(knob_rows), ""]
     lines += ["## Discussion", "", "*(to be written from the numbers above by whoever commits this report)*", ""]
     return "\n".join(lines), ratio
@@ -228,7 +222,6 @@ def report(args: argparse.Namespace, rows: dict[str, Row], results: list[Result]
 
 def run_vs_original(args: argparse.Namespace) -> int:
     """The whole comparison (see the module docstring); prints the table, writes the report."""
-    from fastcd.commands.repro import epochs_for
     from fastcd.utils.results import record
 
     epochs, teacher_epochs = epochs_for(args)

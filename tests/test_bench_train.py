@@ -6,10 +6,10 @@ import torch
 import yaml
 from torch import nn
 
-from fastcd.bench.train import PHASES, measure
 from fastcd.cli import main
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
+from fastcd.knobs import PHASES, measure
 from fastcd.models import build_resnet
 from fastcd.models.fold import fold_batchnorm
 from tests.conftest import tiny_dict
@@ -89,6 +89,7 @@ def test_fold_bn_needs_eval_mode(tiny_config):
 def test_loader_rows_are_compared_with_the_row_before_them(tmp_path, monkeypatch, capsys):
     """Loader rows replace one another: each is compared with the last row before the loaders."""
     import fastcd.bench.train as bench
+    import fastcd.knobs
 
     speeds = iter([100.0, 150.0, 150.0, 150.0, 150.0, 225.0, 112.5, 450.0, 225.0])
     seen = []
@@ -98,7 +99,7 @@ def test_loader_rows_are_compared_with_the_row_before_them(tmp_path, monkeypatch
         return {"images_per_s": next(speeds), "step_ms": 1.0, "step_ms_mean": 1.0,
                 "phases_ms": dict.fromkeys(PHASES, 0.1), "data_share": 0.1, "host_peak_mib": 1.0}
 
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(fastcd.knobs, "measure", fake_measure)
     data = bench.PreparedData(tmp_path / "out", tmp_path / "src", 4, ("ffcv", "dali"))
     monkeypatch.setattr(bench, "prepared_data", lambda path, images: data)
     cfg_path = tmp_path / "tiny.yaml"
@@ -114,7 +115,7 @@ def test_loader_rows_are_compared_with_the_row_before_them(tmp_path, monkeypatch
 
 
 def test_an_interrupt_keeps_the_rows_done(tmp_path, monkeypatch):
-    import fastcd.bench.train as bench
+    import fastcd.knobs
 
     calls = []
 
@@ -125,7 +126,7 @@ def test_an_interrupt_keeps_the_rows_done(tmp_path, monkeypatch):
         return {"images_per_s": 10.0 * len(calls), "step_ms": 1.0, "step_ms_mean": 1.0,
                 "phases_ms": dict.fromkeys(PHASES, 0.1), "data_share": 0.1, "host_peak_mib": 1.0}
 
-    monkeypatch.setattr(bench, "measure", fake_measure)
+    monkeypatch.setattr(fastcd.knobs, "measure", fake_measure)
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
     assert main(["bench", "train", str(cfg_path), "--ablation", "--out", str(tmp_path)]) == 0

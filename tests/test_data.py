@@ -153,6 +153,31 @@ def test_imagefolder_loader_and_errors(tmp_path):
     assert math.isfinite(float(x.float().mean()))
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_imagefolder_skips_files_that_cannot_be_images_and_names_one_that_does_not_decode(tmp_path, workers,
+                                                                                           capsys):
+    """A zero-byte file and a symlink loop cost themselves only (listed in one line); a file that fails to decode,
+    in a worker or not, is a one-line error naming it, never a worker's traceback."""
+    for c in ("cat", "dog"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((30, 40, 3), 40 * i, np.uint8)).save(tmp_path / "val" / c / f"{i}.jpg")
+    (tmp_path / "val" / "cat" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "val" / "dog" / "loop.jpg").symlink_to(tmp_path / "val" / "dog" / "loop.jpg")
+    cfg = DataConfig(path=str(tmp_path), batch_size=4, workers=workers, res=24, val_res=24)
+    ctx = LoaderContext(torch.device("cpu"), num_classes=2)
+    labels = torch.cat([y for _, y in build_loader(cfg, "val", ctx)])
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "skipped 2 file(s)" in err
+    assert "cat/empty.jpg (empty file)" in err and "dog/loop.jpg (cannot be read (Too many levels" in err
+    (tmp_path / "val" / "cat" / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(FastcdError) as caught:
+        list(build_loader(cfg, "val", ctx))
+    assert str(caught.value).startswith(f"{tmp_path / 'val' / 'cat' / 'garbage.jpg'} cannot be decoded")
+    assert "\n" not in str(caught.value)
+
+
 def test_single_sample_and_undersized_batches(tmp_path):
     """A last val batch of one sample and a split smaller than a batch (synthetic/in-memory and imagefolder):
     labels stay 1-D, `len` matches what is yielded; a train split smaller than a batch, and a rank whose val

@@ -20,8 +20,8 @@ from fastcd.data.crops import CropPlan
 from fastcd.data.feed import HostFeed, Stopped, staged
 from fastcd.data.prepared import ShardSamples, open_prepared
 from fastcd.data_prep.manifest import manifest_path
-from fastcd.data_prep.prepare import prepare
-from fastcd.data_prep.sample_table import HEIGHT, LABEL, WIDTH, read_table, upgrade
+from fastcd.data_prep.prepare import prepare, upgrade
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, WIDTH, read_table
 from fastcd.data_prep.shards import read_index
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError

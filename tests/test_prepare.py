@@ -490,6 +490,38 @@ def test_unreadable_folders(small_tree, monkeypatch):
         prepare(small_tree.parent / "locked", small_tree.parent / "out2", workers=1, **OPTIONS)
 
 
+def test_a_bad_entry_costs_that_entry_only(small_tree):
+    """A symlink loop in a class folder (or in a split folder) is skipped by name; its class keeps every good
+    image."""
+    (small_tree / "train" / "a" / "loop.JPEG").symlink_to(small_tree / "train" / "a" / "loop.JPEG")
+    (small_tree / "train" / "ring").symlink_to(small_tree / "train" / "ring")
+    train = prepare(small_tree, small_tree.parent / "out", formats=["dali"], workers=1, **OPTIONS)["splits"]["train"]
+    assert train["num_samples"] == 4 and not train.get("empty_classes")
+    assert {s["path"]: s["reason"] for s in train["skipped"]} == {
+        "train/a/loop.JPEG": "cannot be read (Too many levels of symbolic links)",
+        "train/ring": "cannot be read (Too many levels of symbolic links)"}
+
+
+def test_changed_pixels_are_found_only_with_rehash(small_tree, tmp_path, capsys):
+    """A rerun compares file names, labels and options, and says so; `--rehash` re-reads SRC, finds a file whose
+    pixels changed (same name, same label) and rebuilds its split from the new pixels."""
+    out = tmp_path / "out"
+    first = prepare(small_tree, out, formats=["dali"], workers=1, progress=False)
+    changed = small_tree / "train" / "a" / sorted(os.listdir(small_tree / "train" / "a"))[0]
+    Image.fromarray(np.full((30, 40, 3), 200, np.uint8)).save(changed, format="JPEG")
+    assert prepare(small_tree, out, formats=["dali"], workers=1) == first
+    assert "not the files' contents: --rehash re-reads them" in capsys.readouterr().out
+    assert main(["prepare", str(small_tree), str(out), "--formats", "dali", "--workers", "1", "--rehash"]) == 0
+    assert "split(s) train changed since they were prepared" in capsys.readouterr().err
+    rebuilt = load_manifest(out)
+    assert rebuilt["splits"]["val"]["source_sha256"] == first["splits"]["val"]["source_sha256"]
+    assert rebuilt["splits"]["train"]["source_sha256"] != first["splits"]["train"]["source_sha256"]
+    new_pixels = np.asarray(Image.open(io.BytesIO(split_samples(out, rebuilt, "train")[0][1])))
+    assert abs(int(new_pixels.mean()) - 200) <= 2
+    assert prepare(small_tree, out, formats=["dali"], workers=1, rehash=True) == rebuilt
+    assert "re-hashed and unchanged" in capsys.readouterr().out
+
+
 def test_labels_file_layouts(tmp_path):
     path = tmp_path / "val.txt"
     path.write_text("ILSVRC2012_val_00000001.JPEG 2\nILSVRC2012_val_00000002.JPEG 0\n")

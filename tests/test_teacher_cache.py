@@ -103,6 +103,7 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path: Path, teacher:
         "scale_min": ["data.scale_min=0.3"],
         "holds 2 epochs of crops": ["train.epochs=3"],
         "holds no logits": ["loss_list.1.loss_name=KDLoss", "loss_list.1.loss_type=kd_family"],
+        "holds no pooled embedding,": ["loss_list.1.loss_name=RKDLoss"],
     }
     for message, overrides in cases.items():
         cfg = config_from_dict(base, [f"teacher.cache={cache}", f"train.out_dir={tmp_path / 'x'}", *overrides])

@@ -9,7 +9,7 @@ from fastcd.config import Config
 from fastcd.data.base import BatchLoader
 from fastcd.errors import FastcdError
 
-STORED = {"tea_means": "the stage means", "tea_logits": "logits", "tea_embed": "the pooled embedding"}
+STORED = {"tea_means": "stage means", "tea_logits": "logits", "tea_embed": "pooled embedding"}
 
 
 def open_cache(cfg: Config, loader: BatchLoader, inputs: Iterable[str]) -> CacheReader:

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logits to store (default: full when a loss of the config reads them, else none)")
     parser.add_argument("--embed", action=argparse.BooleanOptionalAction, default=None,
                         help="store the pooled embedding (default: when a loss reads it, e.g. RKD)")
-    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored precision")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                        help="stored precision (default %(default)s)")
     parser.add_argument("--out", default="", help="cache folder (default: <data.path>/teacher-cache/<name> beside "
                         "prepared data, else runs/teacher-cache/<name>)")
     parser.add_argument("--force", action="store_true", help="rebuild a cache made for another config or options")

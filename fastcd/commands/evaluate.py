@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     s = ckpt["config"]["student"]
     if s["num_classes"] != cfg.student.num_classes:
-        raise FastcdError(f"checkpoint has {s['num_classes']} classes, the config's data {cfg.student.num_classes}")
+        raise FastcdError(f"{args.checkpoint} has {s['num_classes']} classes, the config's student.num_classes is "
+                          f"{cfg.student.num_classes}: give the config the checkpoint was trained with")
     rt = setup_runtime(cfg.train)
     try:
         model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])

@@ -18,16 +18,25 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import statistics
 import time
 from pathlib import Path
 
 from fastcd.config import add_set_argument, at_least_one
-from fastcd.errors import FastcdError
 from fastcd.experiments import TEACHER, Experiment, Result, cpu_seconds, run_experiments, table_rows
 from fastcd.paths import configs_dir, results_dir
 from fastcd.report import Row, paired, paired_table, seed_table
+from fastcd.reproduction import (
+    BUDGET_MINUTES,
+    EPOCHS,
+    SEEDS,
+    TEACHER_EPOCHS,
+    TRAIN_SUBSET,
+    VAL_SUBSET,
+    command_line,
+    epochs_for,
+    machine_line,
+)
 from fastcd.utils.atomic import atomic_path, atomic_write_bytes
 from fastcd.utils.machine import machine_info
 
@@ -51,9 +60,6 @@ CLAIMS = [("ResNet18.at", BASELINE, "AT"), (STEM + "kd.ce", BASELINE, "KD"), (CD
           (STEM + "cd.kd.lrdv2", STEM + "cd.ce.lrdv2", "adding KD"),
           (STEM + "cd.kdv2.lrdv2", STEM + "cd.kd.lrdv2", "GKD instead of KD"),
           (STEM + "cd.kdv2.lrdv2", CD, "CD+GKD+EDT over CD")]
-# Default size: ~55 min for 3 seeds on the 2-core CPU, from trials on the shared machine (docs/benchmarks.md).
-BUDGET_MINUTES, EPOCHS, TEACHER_EPOCHS, SEEDS = 60.0, 8, 16, 3
-TRAIN_SUBSET, VAL_SUBSET = 6000, 5000
 TARGET_LEAD = 3.0  # points of top-1 error the teacher should lead the student alone by at the default budget
 
 
@@ -62,16 +68,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per row (default {SEEDS}; at least 2 "
                         "for a spread, 3 for a useful paired interval)")
     parser.add_argument("--budget-minutes", type=float, default=BUDGET_MINUTES,
-                        help=f"wall-clock target on an idle 2-core CPU; scales the epochs ({EPOCHS} student and "
-                             f"{TEACHER_EPOCHS} teacher epochs for {BUDGET_MINUTES:g} min and {SEEDS} seeds)")
+                        help=f"wall-clock target in minutes on an idle 2-core CPU (default %(default)g); scales the "
+                             f"epochs ({EPOCHS} student and {TEACHER_EPOCHS} teacher epochs for {BUDGET_MINUTES:g} min "
+                             f"and {SEEDS} seeds)")
     parser.add_argument("--epochs", type=at_least_one, default=None, help="student epochs (default: from the budget)")
     parser.add_argument("--teacher-epochs", type=at_least_one, default=None,
                         help="teacher epochs (default: from the budget)")
-    parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET, help="training images")
-    parser.add_argument("--val-subset", type=int, default=VAL_SUBSET, help="test images evaluated each epoch")
+    parser.add_argument("--train-subset", type=int, default=TRAIN_SUBSET,
+                        help="training images (the first N; default %(default)s)")
+    parser.add_argument("--val-subset", type=int, default=VAL_SUBSET,
+                        help="test images evaluated each epoch (the first N; "
+                        "default %(default)s)")
     parser.add_argument("--out", default=None, help="folder for the runs (default runs/repro-fashion-mnist, "
                         "runs/vs-original-fashion-mnist with --vs-original)")
-    parser.add_argument("--report-dir", default=str(results_dir()), help="where the report goes")
+    parser.add_argument("--report-dir", default=str(results_dir()), help="folder of the report (markdown, PNG and, "
+                        "with --vs-original, the JSON record; default: %(default)s)")
     add_set_argument(parser, "override applied to every run")
     parser.add_argument("--force", action="store_true", help="replace the runs a previous repro left in --out "
                         "(finished teachers of the same config are still reused)")
@@ -83,17 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "PIL over JPEG files, fp32, NCHW, teacher BN in train mode, unfused SGD) against fastcd's "
                         "fastest path on the same data, students and seeds (fastcd.vs_original)")
     parser.add_argument("--knob-steps", type=int, default=20, help="--vs-original: timed steps per knob of the "
-                        "per-knob breakdown (0 skips it)")
-
-
-def epochs_for(args: argparse.Namespace) -> tuple[int, int]:
-    """(student, teacher) epochs: given, or scaled from the budget (and the seed count) to the defaults'."""
-    if args.seeds < 1:
-        raise FastcdError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.budget_minutes <= 0:
-        raise FastcdError(f"--budget-minutes must be positive, got {args.budget_minutes}")
-    scale = args.budget_minutes / BUDGET_MINUTES * SEEDS / args.seeds
-    return (args.epochs or max(1, round(EPOCHS * scale)), args.teacher_epochs or max(1, round(TEACHER_EPOCHS * scale)))
+                        "per-knob breakdown (0 skips it; default %(default)s)")
 
 
 def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str]]:
@@ -189,29 +190,6 @@ def plot(results: list[Result], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run."""
-    parts = ["fastcd repro fashion-mnist", f"--seeds {args.seeds}", f"--budget-minutes {args.budget_minutes:g}",
-             f"--train-subset {args.train_subset}", f"--val-subset {args.val_subset}"]
-    parts += [f"--epochs {args.epochs}"] if args.epochs else []
-    parts += [f"--teacher-epochs {args.teacher_epochs}"] if args.teacher_epochs else []
-    parts += ["--vs-original"] if args.vs_original else []
-    parts += ["--live-teacher"] if getattr(args, "live_teacher", False) else []
-    parts += [f"--set {o}" for o in args.overrides]
-    return " ".join(parts)
-
-
-def machine_line(seconds: float, cpu: float) -> str:
-    """Machine, versions, commit, wall-clock and CPU time, and the load at the end (for contention)."""
-    info = machine_info()
-    load = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"Machine: {info['machine']} ({info['cpu']}, {info['cpu_count']} cores), torch {info['torch']}, commit "
-            f"`{info['commit']}`, {info['date'][:16]}. Total wall-clock {seconds / 60:.1f} min, CPU time "
-            f"{cpu / 60:.1f} min ({cpu / seconds:.2f} cores busy on average); load average at the end {load} "
-            "(1/5/15 min: above the core count means other jobs shared the machine, and the wall-clock is "
-            "pessimistic).")
 
 
 def cache_line(results: list[Result]) -> str:

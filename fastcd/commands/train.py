@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from fastcd.config import add_set_argument, at_least_one, load_config
 from fastcd.engine.runtime import is_main_process
 from fastcd.engine.trainer import train
@@ -19,10 +21,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "every input of the new run is checked; not with --resume)")
     parser.add_argument("--stop-after", type=at_least_one, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (every default and "
+                        "--set applied, as the run's config.yaml would hold it) and exit without training")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
     try:
         history = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after, force=args.force)
     except (KeyboardInterrupt, Terminated) as e:  # the CLI's one line, with where the run can continue from

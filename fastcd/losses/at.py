@@ -37,8 +37,5 @@ class ATLoss(DistillLoss):
     Use `loss_rate: 1000` (the official code's beta) to reproduce the published objective.
     """
 
-    inputs = ("stu_feats", "tea_feats")
-    family = "fd_family"
-
     def forward(self, stu_features: Sequence[Tensor], tea_features: Sequence[Tensor]) -> Tensor:
         return at_eager(stu_features, tea_features)

@@ -36,9 +36,6 @@ class CDLoss(DistillLoss):
     give the (frozen) teacher no gradient.
     """
 
-    inputs = ("conn_feats", "tea_means")
-    family = "fd_family"
-
     def __init__(self, impl: str = "auto") -> None:
         super().__init__()
         check_impl(impl, "CDLoss", IMPLS)

@@ -13,9 +13,6 @@ from fastcd.utils.tensors import upcast
 class CELoss(DistillLoss):
     """`CELoss()(stu_pred, label)`; optional label smoothing applies to this term only."""
 
-    inputs = ("stu_logits", "labels")
-    family = "ce_family"
-
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         check_range(label_smoothing, FRACTION, "CELoss: label_smoothing")

@@ -19,9 +19,6 @@ class FitNetLoss(DistillLoss):
     connector is built (unless another loss reads the others).
     """
 
-    inputs = ("conn_feats", "tea_feats")
-    family = "fd_family"
-
     def __init__(self, stage: int = 3) -> None:
         super().__init__()
         if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= NUM_STAGES:

@@ -25,9 +25,6 @@ class KDLossv2(DistillLoss):
     kernel gives the (frozen) teacher no gradient.
     """
 
-    inputs = ("stu_logits", "tea_logits", "labels")
-    family = "kdv2_family"
-
     def __init__(self, T: float = 1.0, impl: str = "auto") -> None:
         super().__init__()
         check_impl(impl, "KDLossv2", IMPLS)

@@ -20,9 +20,6 @@ def kd_rows(stu_pred: Tensor, tea_pred: Tensor, T: float) -> Tensor:
 class KDLoss(DistillLoss):
     """`KDLoss(T)(stu_pred, tea_pred)`: averaged over the batch."""
 
-    inputs = ("stu_logits", "tea_logits")
-    family = "kd_family"
-
     def __init__(self, T: float = 1.0) -> None:
         super().__init__()
         check_range(T, POSITIVE, "KDLoss: T")

@@ -7,7 +7,6 @@ signature (`KDLossv2(T)(stu_pred, tea_pred, label)`) and the engine needs no per
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
@@ -17,24 +16,20 @@ from torch import Tensor, nn
 
 from fastcd.errors import FastcdError
 from fastcd.kernels.dispatch import resolve_impl
+from fastcd.names import FAMILIES, INPUT_NAMES, LOSS_NAMES, TEACHER_INPUTS, loss_entry, nearest
 
-# Fields of DistillOutputs a loss may ask for.
-INPUT_NAMES = ("stu_logits", "tea_logits", "labels", "stu_feats", "tea_feats", "tea_means", "conn_feats",
-               "stu_embed", "tea_embed")
-TEACHER_INPUTS = ("tea_logits", "tea_feats", "tea_means", "tea_embed", "conn_feats")  # need a teacher or a cache
-
+__all__ = ["FAMILIES", "INPUT_NAMES", "LOSSES", "NUM_STAGES", "TEACHER_INPUTS", "DistillLoss", "build_loss",
+           "fused_impl", "loss_class", "loss_params", "nearest", "register"]
 
 NUM_STAGES = 4  # layer1..layer4 of every ResNet here
-# The seed's loss types; the loss-rate decay (EDT) silences a family whose name holds `ce` or `kd` early on.
-FAMILIES = ("ce_family", "kd_family", "kdv2_family", "fd_family")
 
 
 class DistillLoss(nn.Module):
-    """Base class: declares the inputs (see INPUT_NAMES) the loss is called with, and its family (FAMILIES),
-    the default `loss_type` of its config entries."""
+    """Base class: the inputs (see INPUT_NAMES) the loss is called with, and its family (FAMILIES), the
+    default `loss_type` of its config entries; `register` sets both from `fastcd.names.LOSS_NAMES`."""
 
     inputs: ClassVar[tuple[str, ...]] = ()
-    family: ClassVar[str] = ""  # every loss names its own
+    family: ClassVar[str] = ""
 
     def connector_stages(self) -> tuple[int, ...]:
         """The stages (0-based) whose connector outputs this loss reads: only those connectors are built."""
@@ -46,41 +41,36 @@ L = TypeVar("L", bound=type[DistillLoss])
 
 
 def register(name: str) -> Callable[[L], L]:
-    """Class decorator adding a loss to the registry under `name` (the config's `loss_name`)."""
+    """Class decorator adding a loss to the registry under `name` (the config's `loss_name`), with the family
+    and inputs `fastcd.names` lists for it; its constructor must take exactly the parameters listed there."""
 
     def add(cls: L) -> L:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        unknown = set(cls.inputs) - set(INPUT_NAMES)
-        if unknown:
-            raise ValueError(f"loss {name!r} asks for unknown inputs {sorted(unknown)}")
-        if cls.family not in FAMILIES:
-            raise ValueError(f"loss {name!r} has family {cls.family!r}, not one of {FAMILIES}")
+        if name not in LOSS_NAMES:
+            raise ValueError(f"loss {name!r} is not listed in fastcd.names.LOSS_NAMES")
+        entry = LOSS_NAMES[name]
+        init = cls.__init__
+        takes = () if init is nn.Module.__init__ else tuple(p for p in inspect.signature(init).parameters
+                                                            if p != "self")
+        if takes != entry.params:
+            raise ValueError(f"loss {name!r} takes {takes}, fastcd.names lists {entry.params}")
+        cls.inputs, cls.family = entry.inputs, entry.family
         LOSSES[name] = cls
         return cls
 
     return add
 
 
-def nearest(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    """' (did you mean X?)' for the closest choice, or ''."""
-    lowered = {c.lower(): c for c in choices}
-    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.5)
-    return f" (did you mean {lowered[close[0]]!r}?)" if close else ""
-
-
 def loss_class(name: str) -> type[DistillLoss]:
     """The registered class for `name`, or a FastcdError naming the valid names."""
-    if name not in LOSSES:
-        raise FastcdError(f"unknown loss_name {name!r}{nearest(name, list(LOSSES))}; "
-                          f"registered: {', '.join(sorted(LOSSES))}")
+    loss_entry(name)
     return LOSSES[name]
 
 
 def loss_params(name: str) -> list[str]:
     """Constructor parameters a config entry may set for loss `name`."""
-    sig = inspect.signature(loss_class(name).__init__)
-    return [p for p in sig.parameters if p != "self"]
+    return list(loss_entry(name).params)
 
 
 def fused_impl(impl: str, x: Tensor, cuda_ok: bool = False) -> str:

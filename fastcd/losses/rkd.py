@@ -45,9 +45,6 @@ class RKDLoss(DistillLoss):
     of one or two samples gives 0 (there is no relation to transfer), never NaN.
     """
 
-    inputs = ("stu_embed", "tea_embed")
-    family = "fd_family"
-
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
         super().__init__()
         check_range(distance_weight, NON_NEGATIVE, "RKDLoss: distance_weight")

@@ -7,8 +7,7 @@ The milestones belong to the original run lengths (ImageNet: 30 of 100 epochs; C
 from __future__ import annotations
 
 from fastcd.errors import FastcdError
-
-BASE_EPOCHS = {"imagenet": 100, "cifar": 200}
+from fastcd.names import BASE_EPOCHS
 
 
 def _is_teacher_family(loss_type: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastcd.schedules.loss_rate import BASE_EPOCHS
+from fastcd.names import BASE_EPOCHS
 
 if TYPE_CHECKING:
     from fastcd.config import Config, OptimConfig

@@ -1,5 +1,5 @@
 """Result records: one JSON file per kind, machine and day, appended to, in the results folder
-(`fastcd.paths.results_dir`: the checkout's bench/results/, or --out); peak memory beside each."""
+(--out; default `fastcd.paths.results_dir`: ./fastcd-results/); peak memory beside each."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +27,8 @@ def peak_memory() -> dict[str, float]:
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     """`--out DIR`: where a benchmark appends its results (default: `fastcd.paths.results_dir()`)."""
-    parser.add_argument("--out", default="", metavar="DIR", help=f"results folder (default {default_results_dir()})")
+    parser.add_argument("--out", default="", metavar="DIR", help="results folder (default: fastcd-results/ under "
+                        "the current directory; the committed records are in the checkout's bench/results/)")
 
 
 def record(kind: str, result: dict, results_dir: str | Path | None = None) -> Path:
