@@ -365,3 +365,49 @@ def test_cycling_a_cache_under_a_resolution_ramp_is_refused(tmp_path: Path, teac
     cfg = config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={tmp_path / 'c2'}",
                                                             "teacher.cache_reuse=cycle", "train.epochs=3"])
     assert len(train(cfg)) == 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) for the `torch` backend."""
+    from PIL import Image
+
+    from fastcd.data_prep.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (int(rng.integers(40, 64)), int(rng.integers(40, 64)), 3), np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
+    prepare(root / "src", root / "out", formats=["dali"], workers=1, progress=False)
+    return root / "out"
+
+
+def test_the_identity_is_what_makes_the_teacher_s_pixels_not_the_backend_name(tmp_path: Path, prepared: Path) -> None:
+    """`data.decode` changes the pixels of the torch backend (antialiased resize in the workers, area-averaged
+    on the device): refused. `decode: auto` resolves to the workers on a CPU: the same pixels, accepted. The
+    backend's name itself is not compared, only how it decodes and resamples."""
+    from fastcd.cache.identity import identity
+
+    raw = tiny_dict(str(tmp_path / "run"))
+    for model in ("student", "teacher"):
+        raw[model]["num_classes"] = 3
+    raw["data"] = {"backend": "torch", "path": str(prepared), "res": 16, "val_res": 16, "batch_size": 4,
+                   "workers": 0, "scale_min": 0.5, "decode": "workers"}
+    raw["loss_list"] = CE_CD
+    raw["train"].update(amp="fp32", device="cpu", epochs=1)
+    src = tmp_path / "src.yaml"
+    src.write_text(yaml.safe_dump(raw))
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    with pytest.raises(FastcdError, match="data.pixels: the cache has 'torchvision decode_jpeg on cpu; antialiased"):
+        train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=device"]))
+    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=auto"]))) == 1
+
+    synthetic = config_from_dict(tiny_dict(str(tmp_path / "s")))
+    loader = build_loader(synthetic.data, "train", loader_context(synthetic, Runtime(torch.device("cpu"), 0, 0, 1)))
+    renamed = config_from_dict(tiny_dict(str(tmp_path / "s")), ["data.backend=fashion-mnist"])
+    assert identity(renamed, loader, 2) == identity(synthetic, loader, 2)
