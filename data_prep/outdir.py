@@ -6,7 +6,8 @@ One run at a time per OUT: an exclusive, non-blocking `flock` on `OUT/.prepare.l
 its holder (pid and host) for the error a second run gives. The file is removed when the run ends;
 a run that got the lock on a file removed in the meantime takes it again on the new file, so two
 runs never hold locks on two different files. The kernel drops the lock of a killed run, so a
-stale lock file never blocks a resume.
+stale lock file never blocks a resume. `locked` is that lock alone (`fastcd cache-teacher` takes it on
+its folder too).
 """
 from __future__ import annotations
 
