@@ -277,7 +277,7 @@ def test_a_second_writer_is_refused_and_a_damaged_epoch_is_written_again(tmp_pat
     assert not (tmp_path / "src" / "latest.pt").exists()
     capsys.readouterr()
     assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
-    assert "epoch 1 is listed as done but" in capsys.readouterr().out
+    assert "epoch 1 is listed as done, but" in capsys.readouterr().out
     assert np.array_equal(np.load(cache / "epoch-0001" / "means.npy"), kept)
     assert len(train(cfg)) == 2
 

@@ -130,8 +130,12 @@ class RowFile:
                                                           "fortran_order": False, "shape": shape})
             self.offset = len(header.getvalue())
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._pwrite(header.getvalue(), 0)
-            os.posix_fallocate(self.fd, 0, self.offset + shape[0] * self.row_bytes)
+            try:
+                self._pwrite(header.getvalue(), 0)
+                os.posix_fallocate(self.fd, 0, self.offset + shape[0] * self.row_bytes)
+            except OSError:
+                os.close(self.fd)
+                raise
         else:
             self.fd = os.open(path, os.O_RDWR)
         self.fresh = fresh
@@ -175,8 +179,13 @@ class EpochWriter:
             if fresh:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 self.folder.mkdir(parents=True)
-            self.files = {name: RowFile(self.folder / f"{name}.npy", dtype, (samples, cols), fresh)
-                          for name, (cols, dtype) in contents.arrays().items()}
+            self.files: dict[str, RowFile] = {}
+            try:
+                for name, (cols, dtype) in contents.arrays().items():
+                    self.files[name] = RowFile(self.folder / f"{name}.npy", dtype, (samples, cols), fresh)
+            except OSError:
+                self.close()
+                raise
         resumed = not fresh and not any(f.fresh for f in self.files.values())
         self.batches_done = json.loads(progress.read_text())["batches_done"] if resumed else 0
 
@@ -194,12 +203,16 @@ class EpochWriter:
             self.batches_done = batches_done
             atomic_write_json(self.folder / "progress.json", {"batches_done": batches_done})
 
+    def close(self) -> None:
+        """Close the files (also after an error: the next run resumes from `progress.json`)."""
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
+
     def finish(self) -> None:
         self.checkpoint(self.batches_done)
+        self.close()
         with writing(self.folder):
-            for file in self.files.values():
-                file.close()
-            self.files.clear()
             (self.folder / "progress.json").unlink()
             final = epoch_dir(self.root, self.epoch)
             shutil.rmtree(final, ignore_errors=True)
@@ -256,7 +269,7 @@ def manifest_contents(manifest: dict[str, Any]) -> Contents:
 
 def open_epoch(root: Path, epoch: int, contents: Contents, samples: int) -> dict[str, np.ndarray]:
     """The arrays of finished epoch `epoch`, memory-mapped read-only, each checked for the shape and dtype
-    `contents` and `samples` give; a one-line error naming a missing, short or mis-shaped file."""
+    `contents` and `samples` give; a FastcdError naming a missing, short or mis-shaped file."""
     folder = epoch_dir(root, epoch)
     arrays = {}
     for name, (cols, dtype) in contents.arrays().items():
@@ -264,13 +277,11 @@ def open_epoch(root: Path, epoch: int, contents: Contents, samples: int) -> dict
         try:
             arrays[name] = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise FastcdError(f"teacher cache file {str(path)!r} cannot be read ({e}): the cache is damaged; "
-                              "run `fastcd cache-teacher` again to rewrite that epoch") from None
+            raise FastcdError(f"teacher cache file {str(path)!r} cannot be read ({e})") from None
         array = arrays[name]
         if array.shape != (samples, cols) or array.dtype != dtype:
             raise FastcdError(f"{path} holds {array.shape} {array.dtype}, the manifest says {(samples, cols)} "
-                              f"{dtype}: the cache is damaged; run `fastcd cache-teacher` again to rewrite that "
-                              "epoch")
+                              f"{dtype}")
     return arrays
 
 
@@ -293,7 +304,11 @@ class CacheReader:
         if epoch not in self.manifest["epochs_done"]:
             raise FastcdError(f"teacher cache {str(self.root)!r} has not finished epoch {epoch} (done: "
                               f"{self.manifest['epochs_done']}); resume `fastcd cache-teacher`")
-        return open_epoch(self.root, epoch, self.contents, self.manifest["samples"])
+        try:
+            return open_epoch(self.root, epoch, self.contents, self.manifest["samples"])
+        except FastcdError as e:
+            raise FastcdError(f"{e}: the cache is damaged; run `fastcd cache-teacher` again to rewrite that "
+                              "epoch") from None
 
     def _arrays(self, epoch: int) -> dict[str, np.ndarray]:
         if epoch not in self._open:

@@ -15,7 +15,6 @@ from fastcd.cache.store import (
     Contents,
     EpochWriter,
     epoch_dir,
-    manifest_contents,
     new_manifest,
     open_epoch,
     read_manifest,
@@ -96,14 +95,12 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
     manifest = new_manifest(identity(cfg, loader, epochs, digest), contents, epochs, loader.size)
     with locked(out, LOCK_NAME, "fastcd cache-teacher", "cache folder (--out)"):
         if (out / "manifest.json").is_file() and not force:
-            old = read_manifest(out)
-            wrong = differences(old["identity"], manifest["identity"])
-            wrong += [f"{k}: the cache has {old[k]!r}, now {manifest[k]!r}" for k in ("contents", "samples")
-                      if old[k] != manifest[k]]
+            wrong = _mismatch(out, manifest)
             if wrong:
-                raise FastcdError(f"{out} holds a cache for another config or options ({wrong[0]}); pick another "
+                raise FastcdError(f"{out} holds a cache for another config or options ({wrong}); pick another "
                                   "--out, or --force to rebuild it")
-            manifest["epochs_done"] = [e for e in old["epochs_done"] if e < epochs and _intact(out, e, manifest)]
+            done = read_manifest(out)["epochs_done"]
+            manifest["epochs_done"] = [e for e in done if e < epochs and _intact(out, e, contents, loader.size)]
         else:
             for stale in out.glob("epoch-*"):
                 shutil.rmtree(stale)
@@ -115,12 +112,25 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
     return manifest
 
 
-def _intact(out: Path, epoch: int, manifest: dict[str, Any]) -> bool:
+def _mismatch(out: Path, manifest: dict[str, Any]) -> str:
+    """The first way the cache in `out` (another format, damaged, or of other targets) is not the one
+    `manifest` describes; empty if it is."""
+    try:
+        old = read_manifest(out)
+    except FastcdError as e:
+        return str(e)
+    wrong = differences(old["identity"], manifest["identity"])
+    wrong += [f"{k}: the cache has {old[k]!r}, now {manifest[k]!r}" for k in ("contents", "samples")
+              if old[k] != manifest[k]]
+    return wrong[0] if wrong else ""
+
+
+def _intact(out: Path, epoch: int, contents: Contents, samples: int) -> bool:
     """Epoch `epoch`, listed as done, holds its files with their shapes; if not, say that it is written again."""
     try:
-        open_epoch(out, epoch, manifest_contents(manifest), manifest["samples"])
+        open_epoch(out, epoch, contents, samples)
     except FastcdError as e:
-        print(f"cache-teacher: epoch {epoch} is listed as done but {e}; writing it again")
+        print(f"cache-teacher: epoch {epoch} is listed as done, but {e}; writing it again")
         return False
     return True
 
@@ -140,20 +150,23 @@ def _write_epochs(cfg: Config, rt: Runtime, loader: BatchLoader, out: Path, mani
         loader.set_epoch(epoch)
         writer = EpochWriter(out, epoch, contents, loader.size)
         indices = loader.batch_indices()
-        for b, (images, _labels) in enumerate(loader):
-            if b < writer.batches_done:  # written before an interruption
+        try:
+            for b, (images, _labels) in enumerate(loader):
+                if b < writer.batches_done:  # written before an interruption
+                    bar.update()
+                    continue
+                with torch.no_grad(), rt.autocast():
+                    targets = teacher_targets(teacher, images, means=True, feats=False)
+                writer.write(indices[b], contents.rows(targets))
+                crops += len(indices[b])
+                if (b + 1) % FLUSH_EVERY == 0:
+                    writer.checkpoint(b + 1)
                 bar.update()
-                continue
-            with torch.no_grad(), rt.autocast():
-                targets = teacher_targets(teacher, images, means=True, feats=False)
-            writer.write(indices[b], contents.rows(targets))
-            crops += len(indices[b])
-            if (b + 1) % FLUSH_EVERY == 0:
-                writer.checkpoint(b + 1)
-            bar.update()
-            bar.set_postfix(crops_s=f"{crops / (time.perf_counter() - start):.0f}")
-        writer.checkpoint(len(indices))
-        writer.finish()
+                bar.set_postfix(crops_s=f"{crops / (time.perf_counter() - start):.0f}")
+            writer.checkpoint(len(indices))
+            writer.finish()
+        finally:
+            writer.close()
         manifest["epochs_done"] = sorted({*manifest["epochs_done"], epoch})
         write_manifest(out, manifest)
     bar.close()
