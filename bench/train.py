@@ -93,7 +93,8 @@ def ablation(cfg: Config, cuda: bool, data: PreparedData | None, skip: set[str],
         Knob("fused optimizer", ["optim.fused=true"]),
         Knob("teacher BN folded", ["teacher.fold_bn=true"],
              skip=no_teacher or (None if cfg.teacher.bn_mode == "eval" else "bn_mode=train cannot fold")),
-        Knob("teacher cache", [f"teacher.cache={cache_dir}", "teacher.cache_reuse=cycle"], kept=False,
+        Knob("teacher cache", [f"teacher.cache={cache_dir}", "teacher.cache_reuse=cycle", "train.epochs=1"],
+             kept=False,  # one epoch of crops cached and read: a resolution ramp cannot refuse the cycling
              teacher_cache=str(cache_dir), skip=no_teacher or (None if cfg.teacher.bn_mode == "eval" else
                                                                "bn_mode=train: no cache") or
              (None if data is None else "the ImageFolder rows' crops are torchvision's: not replayable")),

@@ -6,7 +6,8 @@ One run at a time per OUT: an exclusive, non-blocking `flock` on `OUT/.prepare.l
 its holder (pid and host) for the error a second run gives. The file is removed when the run ends;
 a run that got the lock on a file removed in the meantime takes it again on the new file, so two
 runs never hold locks on two different files. The kernel drops the lock of a killed run, so a
-stale lock file never blocks a resume.
+stale lock file never blocks a resume. `locked` is that lock alone (`fastcd cache-teacher` takes it on
+its folder too).
 """
 from __future__ import annotations
 
@@ -47,30 +48,44 @@ def claimed(out: Path, src: str, written: list[str]) -> Iterator[None]:
     """Check OUT's place against SRC, create it and hold its lock for the block; `written` names the
     folders of OUT the run writes into. FastcdError when OUT is unfit or another run holds it."""
     _check_place(out, src, written)
+    with locked(out, LOCK_NAME, "fastcd prepare", "OUT"):
+        yield
+
+
+@contextlib.contextmanager
+def locked(folder: Path, lock_name: str, command: str, what: str) -> Iterator[None]:
+    """Create `folder` and hold an exclusive lock on `folder/lock_name` for the block: one run of `command`
+    at a time per folder (`what` names the folder in the errors). FastcdError when the folder cannot be
+    created or written, or another run holds it."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FastcdError(f"cannot create OUT {out} ({e.strerror}); choose a folder you can write to") from e
-    path = out / LOCK_NAME
+        raise FastcdError(f"cannot create {what} {folder} ({e.strerror}); choose a folder you can write to") from e
+    path = folder / lock_name
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise FastcdError(f"cannot write in OUT {out} ({e.strerror}); choose a folder you can write to") from e
+            raise FastcdError(f"cannot write in {what} {folder} ({e.strerror}); choose a folder you can write "
+                              "to") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise FastcdError(f"{out} is being written by another `fastcd prepare` ({holder}); wait for it "
-                              f"to end, or choose another OUT") from None
+            raise FastcdError(f"{folder} is being written by another `{command}` ({holder}); wait for it "
+                              f"to end, or choose another {what}") from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
         os.close(fd)  # the holder removed this file as we locked it: lock the current one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:
+            raise FastcdError(f"cannot write in {what} {folder} ({e.strerror}); free space there or choose "
+                              "another folder") from e
         yield
     finally:
         path.unlink(missing_ok=True)  # before unlocking: a run that opened it sees it removed, retries

@@ -3,6 +3,7 @@ from an fp32 cache trains exactly as from the live teacher; a cache that does no
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,15 @@ def step_records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
 
 
-def test_cd_from_an_fp32_cache_trains_as_from_the_live_teacher(tmp_path: Path, teacher: str) -> None:
-    live = distill(tmp_path, teacher, "live", CE_CD)
+@pytest.mark.parametrize("weights", ["trained", "none"])
+def test_cd_from_an_fp32_cache_trains_as_from_the_live_teacher(tmp_path: Path, teacher: str, weights: str) -> None:
+    """With trained weights, and with random ones (`none`): training builds its teacher after the student, the
+    cache command builds it alone; both must run the same teacher."""
+    weights = teacher if weights == "trained" else "none"
+    live = distill(tmp_path, weights, "live", CE_CD)
     cache = tmp_path / "cache"
     assert main(["cache-teacher", str(live), "--dtype", "fp32", "--out", str(cache)]) == 0
-    cached = distill(tmp_path, teacher, "cached", CE_CD, f"teacher.cache={cache}")
+    cached = distill(tmp_path, weights, "cached", CE_CD, f"teacher.cache={cache}")
     train(config_from_dict(yaml.safe_load(live.read_text())))
     train(config_from_dict(yaml.safe_load(cached.read_text())))
     a, b = step_records(tmp_path / "live"), step_records(tmp_path / "cached")
@@ -72,10 +77,10 @@ def test_cd_from_an_fp32_cache_trains_as_from_the_live_teacher(tmp_path: Path, t
 
 
 def test_kd_gkd_and_rkd_read_their_targets_from_the_cache(tmp_path: Path, teacher: str) -> None:
-    losses = [{"loss_name": "CELoss"}, {"loss_name": "KDLossv2", "T": 2}, {"loss_name": "CDLoss", "loss_rate": 6},
-              {"loss_name": "RKDLoss"}]
-    cfg_path = distill(tmp_path, teacher, "src", losses)
-    for logits in ("full", "topk=2"):
+    for logits, T in (("full", 2), ("topk=2", 1)):
+        losses = [{"loss_name": "CELoss"}, {"loss_name": "KDLossv2", "T": T},
+                  {"loss_name": "CDLoss", "loss_rate": 6}, {"loss_name": "RKDLoss"}]
+        cfg_path = distill(tmp_path, teacher, f"src-{logits}", losses)
         cache = tmp_path / f"cache-{logits}"
         assert main(["cache-teacher", str(cfg_path), "--logits", logits, "--out", str(cache)]) == 0
         cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()),
@@ -101,6 +106,8 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path: Path, teacher:
         "resolutions": ["data.res=12"],
         "fingerprint": ["data.train_subset=200"],
         "scale_min": ["data.scale_min=0.3"],
+        "teacher.precision: the cache has 'fp32', this run 'bf16'": ["train.amp=bf16"],
+        "teacher.fold_bn": ["teacher.fold_bn=true"],
         "holds 2 epochs of crops": ["train.epochs=3"],
         "holds no logits": ["loss_list.1.loss_name=KDLoss", "loss_list.1.loss_type=kd_family"],
         "holds no pooled embedding,": ["loss_list.1.loss_name=RKDLoss"],
@@ -188,3 +195,220 @@ def test_backends_that_cannot_replay_crops_are_refused(tmp_path: Path, teacher: 
 
     with pytest.raises(FastcdError, match="cannot be used with a teacher cache"):
         Opaque().fingerprint()
+
+
+def peaked_teacher_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of a trained classifier over 100 classes (an MLP fitted for 150 SGD steps to Gaussian clusters:
+    mean top-1 probability 0.78, the 90 classes outside a top-10 hold 0.7% of the mass), and of two students:
+    untrained and trained for 20 steps."""
+    g = torch.Generator().manual_seed(0)
+    classes, dim, n = 100, 32, 4096
+    labels = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(classes, dim, generator=g)[labels] + 1.8 * torch.randn(n, dim, generator=g)
+
+    def fit(steps: int) -> torch.nn.Module:
+        net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, classes))
+        opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+        for _ in range(steps):
+            i = torch.randint(0, n, (256,), generator=g)
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(net(x[i]), labels[i])
+                opt.zero_grad()
+                loss.backward()
+            opt.step()
+        return net
+
+    with torch.no_grad():
+        return fit(150)(x[:512]), fit(0)(x[:512]), fit(20)(x[:512])
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_top10_logits_give_the_full_logit_kd_loss_at_T1(dtype: str) -> None:
+    from fastcd.cache.store import Contents
+    from fastcd.losses.kd import kd_rows
+    from fastcd.models import TeacherTargets
+
+    teacher, *students = peaked_teacher_logits()
+    contents = Contents((1,), 100, "topk=10", 0, dtype)
+    stored = TeacherTargets(means=[torch.zeros(len(teacher), 1)], logits=teacher, embed=None)
+    dense = contents.targets(contents.rows(stored), torch.device("cpu")).logits
+    top = teacher.topk(10, dim=1).indices
+    tail = teacher.softmax(1).scatter(1, top, 0).sum(1)
+    assert tail.mean() > 0.005  # the missing classes hold a mass that matters
+    rebuilt = dense.softmax(1).scatter(1, top, 0).sum(1)  # their total, as the full softmax has it
+    torch.testing.assert_close(rebuilt, tail, rtol=0.01 if dtype == "fp16" else 1e-5, atol=1e-7)
+    for student in students:
+        full, cached = kd_rows(student, teacher, 1.0).mean(), kd_rows(student, dense, 1.0).mean()
+        assert abs(cached - full) / full < 0.01
+
+
+def test_top_k_logits_are_refused_to_a_loss_at_another_temperature(tmp_path: Path, teacher: str) -> None:
+    """Only the missing classes' total at T=1 is stored: at T=4 a top-10 cache of the 100-class teacher above
+    gives a KD loss 36-42% below the full logits' (uniform tail), so it is refused, when written and when read."""
+    kd = [{"loss_name": "CELoss"}, {"loss_name": "KDLoss", "T": 1}, {"loss_name": "CDLoss", "loss_rate": 6}]
+    src = distill(tmp_path, teacher, "src", kd)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--logits", "topk=2", "--out", str(cache)]) == 0
+    hot = config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={cache}", "loss_list.1.T=4",
+                                                             f"train.out_dir={tmp_path / 'hot'}"])
+    with pytest.raises(FastcdError, match="top 2 of 4 logits, and KDLoss reads them at T=4"):
+        train(hot)
+    assert main(["cache-teacher", str(src), "--logits", "topk=2", "--out", str(tmp_path / "c2"),
+                 "--set", "loss_list.1.T=4"]) == 2
+    assert main(["cache-teacher", str(src), "--logits", "topk=4", "--out", str(tmp_path / "c3"),  # all classes
+                 "--set", "loss_list.1.T=4"]) == 0
+
+
+def test_a_second_writer_is_refused_and_a_damaged_epoch_is_written_again(tmp_path: Path, teacher: str,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    from fastcd.data_prep.outdir import locked
+
+    src = distill(tmp_path, teacher, "src", CE_CD)
+    cache = tmp_path / "cache"
+    with locked(cache, cache_write.LOCK_NAME, "fastcd cache-teacher", "cache folder"):  # another run holds it
+        assert main(["cache-teacher", str(src), "--out", str(cache)]) == 2
+    assert "is being written by another `fastcd cache-teacher`" in capsys.readouterr().err
+    assert not (cache / "manifest.json").exists()
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    kept = np.load(cache / "epoch-0001" / "means.npy")
+    (cache / "epoch-0001" / "means.npy").unlink()  # the manifest still lists epoch 1 as done
+    cfg = config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={cache}"])
+    with pytest.raises(FastcdError, match="epoch-0001/means.npy' cannot be read"):
+        train(cfg)  # found before training: nothing was trained, no checkpoint
+    assert not (tmp_path / "src" / "latest.pt").exists()
+    capsys.readouterr()
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    assert "epoch 1 is listed as done, but" in capsys.readouterr().out
+    assert np.array_equal(np.load(cache / "epoch-0001" / "means.npy"), kept)
+    assert len(train(cfg)) == 2
+
+
+def test_bad_configs_and_manifests_are_one_line_errors(tmp_path: Path, teacher: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    src = distill(tmp_path, teacher, "src", CE_CD)
+    assert main(["cache-teacher", str(src), "--out", str(tmp_path / "x"), "--set", "teacher=null",
+                 "loss_list=[{loss_name: CELoss}]"]) == 2
+    assert "has no teacher (teacher: null)" in capsys.readouterr().err
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    del manifest["contents"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FastcdError, match="has no valid 'contents'"):
+        train(config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={cache}"]))
+    capsys.readouterr()
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "has no valid 'contents'" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("")
+    assert main(["cache-teacher", str(src), "--out", str(tmp_path / "file")]) == 2
+    assert "cannot create cache folder" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_one_line_error(tmp_path: Path, teacher: str, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """Space is reserved when an epoch's files are created, and rows are written by file I/O: ENOSPC, there or
+    later, is an error naming the folder (a write through a memory map would end the process with SIGBUS)."""
+    import errno
+    import os
+
+    src = distill(tmp_path, teacher, "src", CE_CD)
+
+    def full(*_args) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_pwrite = os.pwrite
+
+    def rows_full(fd: int, data: bytes | memoryview, at: int) -> int:  # the rows fail, not the headers
+        return full() if isinstance(data, memoryview) else real_pwrite(fd, data, at)
+
+    for call, fake in (("posix_fallocate", full), ("pwrite", rows_full), ("fsync", full)):
+        with monkeypatch.context() as m:
+            m.setattr(os, call, fake)
+            assert main(["cache-teacher", str(src), "--out", str(tmp_path / call)]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_full_tmpfs_is_a_one_line_error_not_a_bus_error(tmp_path: Path, teacher: str) -> None:
+    """The real thing, where this user may mount: a 40 KiB tmpfs holds one epoch of the tiny cache, not two."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        src = distill(tmp_path, teacher, "src", CE_CD)
+        done = subprocess.run([sys.executable, "-m", "fastcd.cli", "cache-teacher", str(src), "--out",
+                               str(disk / "cache")], capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert done.returncode == 2, done
+    assert "No space left on device" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cycling_a_cache_under_a_resolution_ramp_is_refused(tmp_path: Path, teacher: str) -> None:
+    ramp = ["data.min_res=16", "data.max_res=32", "data.start_ramp=0", "data.end_ramp=2"]  # 16, 32, 32, ...
+    src = distill(tmp_path, teacher, "src", CE_CD, *ramp)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    base = yaml.safe_load(src.read_text())
+    cycled = config_from_dict(base, [f"teacher.cache={cache}", "teacher.cache_reuse=cycle", "train.epochs=3"])
+    with pytest.raises(FastcdError, match="epoch 3 would replay cache epoch 1 at 16 px, where the resolution "
+                                          "schedule .* gives 32 px"):
+        train(cycled)
+    fixed = ["data.min_res=0", "data.max_res=0", "data.res=32"]
+    src = distill(tmp_path, teacher, "fixed", CE_CD, *fixed)
+    assert main(["cache-teacher", str(src), "--out", str(tmp_path / "c2")]) == 0
+    cfg = config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={tmp_path / 'c2'}",
+                                                            "teacher.cache_reuse=cycle", "train.epochs=3"])
+    assert len(train(cfg)) == 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) for the `torch` backend."""
+    from PIL import Image
+
+    from fastcd.data_prep.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (int(rng.integers(40, 64)), int(rng.integers(40, 64)), 3), np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
+    prepare(root / "src", root / "out", formats=["dali"], workers=1, progress=False)
+    return root / "out"
+
+
+def test_the_identity_is_what_makes_the_teacher_s_pixels_not_the_backend_name(tmp_path: Path, prepared: Path) -> None:
+    """`data.decode` changes the pixels of the torch backend (antialiased resize in the workers, area-averaged
+    on the device): refused. `decode: auto` resolves to the workers on a CPU: the same pixels, accepted. The
+    backend's name itself is not compared, only how it decodes and resamples."""
+    from fastcd.cache.identity import identity
+
+    raw = tiny_dict(str(tmp_path / "run"))
+    for model in ("student", "teacher"):
+        raw[model]["num_classes"] = 3
+    raw["data"] = {"backend": "torch", "path": str(prepared), "res": 16, "val_res": 16, "batch_size": 4,
+                   "workers": 0, "scale_min": 0.5, "decode": "workers"}
+    raw["loss_list"] = CE_CD
+    raw["train"].update(amp="fp32", device="cpu", epochs=1)
+    src = tmp_path / "src.yaml"
+    src.write_text(yaml.safe_dump(raw))
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    with pytest.raises(FastcdError, match="data.pixels: the cache has 'torchvision decode_jpeg on cpu; antialiased"):
+        train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=device"]))
+    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=auto"]))) == 1
+
+    synthetic = config_from_dict(tiny_dict(str(tmp_path / "s")))
+    loader = build_loader(synthetic.data, "train", loader_context(synthetic, Runtime(torch.device("cpu"), 0, 0, 1)))
+    renamed = config_from_dict(tiny_dict(str(tmp_path / "s")), ["data.backend=fashion-mnist"])
+    assert identity(renamed, loader, 2) == identity(synthetic, loader, 2)

@@ -8,6 +8,7 @@ teacher once over E epochs of crops and store these targets by sample index; tra
 
 Layout of a cache folder: `manifest.json` (format, what the targets depend on, what is stored, the
 finished epochs) and per epoch `epoch-NNNN/` with `.npy` arrays indexed by sample: `means` (S, sum C),
-`logits` (S, K) or `topk_values` + `topk_indices` (S, k), `embed` (S, D). An epoch is written in
-`epoch-NNNN.partial/` with a `progress.json` and renamed when complete, so an interrupted write resumes.
+`logits` (S, K) or `topk_values` + `topk_indices` (S, k) + `tail_lse` (S, 1), `embed` (S, D). An epoch is
+written in `epoch-NNNN.partial/` with a `progress.json` and renamed when complete, so an interrupted write
+resumes.
 """

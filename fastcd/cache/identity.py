@@ -1,28 +1,63 @@
-"""What a cache's targets depend on, recorded in its manifest and checked against the run that reads it."""
+"""What a cache's targets depend on, recorded in its manifest and checked against the run that reads it: the
+teacher as it runs, and what makes its input pixels. The backend's name is not part of it, only how the
+backend makes pixels (decoder, resampling), so backends that execute the same crops the same way share caches."""
 from __future__ import annotations
 
+import hashlib
 from typing import Any
+
+import torch
 
 from fastcd.config import Config
 from fastcd.data.base import BatchLoader
-from fastcd.data.crops import RATIO
+from fastcd.data.crops import RATIO, CropPlan
 from fastcd.data.resolution import train_res
 from fastcd.errors import FastcdError
 from fastcd.models.teacher import weights_sha256
 
+PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+PROBE_SIZES = ((37, 53), (224, 224), (500, 281), (20, 2000))  # image sizes the crop definition is probed on
+
+
+def crop_definition() -> str:
+    """A digest of the training crops `crops.CropPlan` draws for a fixed probe (samples, sizes, a seed and two
+    epochs): it changes when the definition of the crops does, which a cache's crops must share."""
+    digest = hashlib.sha256()
+    heights, widths = (torch.tensor(side).repeat(16) for side in zip(*PROBE_SIZES, strict=True))
+    for epoch in (0, 1):
+        plan = CropPlan(True, 0, 0.08, 1.0, seed=1, epoch=epoch)
+        digest.update(plan.boxes(range(len(heights)), heights, widths).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pixel_path(cfg: Config, loader: BatchLoader) -> str:
+    """How `loader` (a backend that replays fastcd's crops) makes the teacher's input pixels from a crop box:
+    where and by what the images are decoded and resampled."""
+    d, device = cfg.data, loader.ctx.device.type
+    if d.backend in ("fashion-mnist", "synthetic"):
+        return "uint8 images in memory; bilinear affine resampling (transforms.resized_crop_affine)"
+    if d.backend == "torch" and loader.device_decode:
+        return f"torchvision decode_jpeg on {device}; area-averaged resize (transforms.resized_crops)"
+    if d.backend == "torch":
+        return "torchvision decode_jpeg on cpu; antialiased torchvision resized_crop of uint8 (workers)"
+    decoder = f"mixed, hardware decoder load {d.dali_hw_decoder_load}" if device == "cuda" else "cpu"
+    return f"DALI image_slice decoder ({decoder}); DALI resize"
+
 
 def identity(cfg: Config, loader: BatchLoader, epochs: int, weights_digest: str | None = None) -> dict[str, Any]:
-    """The teacher (architecture, weights and their sha256, BatchNorm handling), the data (backend, digest,
-    subset), the crops (scale, ratio, normalisation, each epoch's resolution) and the seed of `cfg`'s run,
-    over `epochs` epochs read through its train `loader`."""
+    """What `cfg`'s teacher targets over `epochs` epochs read through its train `loader` depend on: the teacher
+    (architecture, the sha256 of the weights it runs, BatchNorm handling, precision) and its input pixels
+    (the data's digest and subset, how the backend decodes and resamples, the crop definition and parameters,
+    normalisation, each epoch's resolution, the seed)."""
     t, d = cfg.teacher, cfg.data
     return {
         "teacher": {"arch": t.arch, "stem": t.stem, "width": t.width, "num_classes": t.num_classes,
-                    "weights": t.weights, "weights_sha256": weights_digest or weights_sha256(t),
-                    "bn_mode": t.bn_mode, "fold_bn": t.fold_bn},
-        "data": {"backend": d.backend, "fingerprint": loader.fingerprint(), "train_subset": d.train_subset},
-        "crops": {"scale_min": d.scale_min, "ratio": list(RATIO), "mean": list(d.mean), "std": list(d.std),
-                  "resolutions": [train_res(d, e) for e in range(epochs)]},
+                    "weights_sha256": weights_digest or weights_sha256(t), "bn_mode": t.bn_mode,
+                    "fold_bn": t.fold_bn, "precision": PRECISION[loader.ctx.dtype]},
+        "data": {"fingerprint": loader.fingerprint(), "train_subset": d.train_subset,
+                 "pixels": pixel_path(cfg, loader)},
+        "crops": {"definition": crop_definition(), "scale_min": d.scale_min, "ratio": list(RATIO),
+                  "mean": list(d.mean), "std": list(d.std), "resolutions": [train_res(d, e) for e in range(epochs)]},
         "seed": cfg.train.seed,
     }
 
@@ -36,8 +71,13 @@ def _differences(cached: Any, run: Any, where: str) -> list[str]:
 
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """What differs between two identities, each epoch's resolution compared as far as both go."""
-    n = min(len(a["crops"]["resolutions"]), len(b["crops"]["resolutions"]))
-    a, b = ({**x, "crops": {**x["crops"], "resolutions": x["crops"]["resolutions"][:n]}} for x in (a, b))
+    def resolutions(x: dict[str, Any]) -> list[int]:
+        crops = x.get("crops")
+        return crops.get("resolutions", []) if isinstance(crops, dict) else []
+
+    n = min(len(resolutions(a)), len(resolutions(b)))
+    a, b = ({**x, "crops": {**x["crops"], "resolutions": resolutions(x)[:n]}} if resolutions(x) else x
+            for x in (a, b))
     return _differences(a, b, "")
 
 

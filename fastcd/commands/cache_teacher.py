@@ -3,7 +3,8 @@ what the losses read of it (stage channel means, logits, embedding) per crop, fo
 
 The crops are the ones training will see (`fastcd.data.crops`: a pure function of seed, epoch and sample),
 read through the config's own loader, so a run of the same config replays exactly these targets. Written
-resumably: a killed run, started again, goes on from the last batches it flushed.
+resumably: a killed run, started again, goes on from the last batches it flushed; one run at a time per
+folder (a lock), and every epoch's files are checked before it counts as done.
 """
 from __future__ import annotations
 

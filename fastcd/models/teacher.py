@@ -46,9 +46,15 @@ def _checkpoint_state(cfg: TeacherConfig, path: str) -> dict:
     return ckpt["model"]
 
 
+RANDOM_SEED = 0  # a random teacher's initialisation: the same in every run, whatever was drawn before it
+
+
 def load_teacher(cfg: TeacherConfig) -> FeatureResNet:
-    """Build the teacher of `cfg` and load its weights (`none` leaves them random, for benchmarks)."""
-    net = build_resnet(cfg.arch, cfg.num_classes, cfg.stem, cfg.width)
+    """Build the teacher of `cfg` and load its weights. `none` leaves them random (for benchmarks), drawn from
+    `RANDOM_SEED` apart from the run's random stream: every run, and a teacher cache, gets the same teacher."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        net = build_resnet(cfg.arch, cfg.num_classes, cfg.stem, cfg.width)
     if cfg.weights == "none":
         return net
     if cfg.weights.startswith("torchvision:"):
@@ -64,10 +70,8 @@ def load_teacher(cfg: TeacherConfig) -> FeatureResNet:
 
 
 def weights_sha256(cfg: TeacherConfig) -> str:
-    """sha256 of the teacher's weights as `load_teacher` loads them (names, dtypes, shapes and values, in
-    order); `none` (random weights) has no fingerprint."""
-    if cfg.weights == "none":
-        return "none"
+    """sha256 of the teacher's weights as `load_teacher` loads them, whatever their origin (random ones
+    included): names, dtypes, shapes and values, in order."""
     digest = hashlib.sha256()
     for name, tensor in load_teacher(cfg).state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
