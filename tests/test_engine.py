@@ -420,7 +420,7 @@ def test_cache_teacher_out_that_is_a_file_is_a_one_line_error(tiny_config, tmp_p
     (tmp_path / "file").write_text("x")
     assert main(["cache-teacher", str(cfg_path), "--out", str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
-    assert "cannot create folder" in err and "is a file" in err and err.count("\n") == 1
+    assert "cannot create cache folder (--out)" in err and str(tmp_path / "file") in err and err.count("\n") == 1
 
 
 def test_eval_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):

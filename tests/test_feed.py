@@ -169,6 +169,20 @@ def test_an_epoch_stopped_early_does_not_starve_the_next(prepared: Path) -> None
     assert not [t for t in threading.enumerate() if t.name in ("fastcd-feed", "fastcd-decode")]
 
 
+def test_a_new_epoch_stops_an_unfinished_one_before_reusing_the_buffers(prepared: Path) -> None:
+    """An iterator of an earlier epoch still held (not closed) when the next epoch starts: its threads are
+    stopped first, so no two batches ever share a buffer and every batch of the new epoch is right."""
+    cfg = DataConfig(backend="torch", path=str(prepared), batch_size=4, res=16, decode="device", workers=0)
+    loader = build_loader(cfg, "train", ctx())
+    loader.set_epoch(0)
+    held = iter(loader)
+    next(held)  # kept alive, unfinished
+    loader.set_epoch(1)
+    want = [loader.samples.labels[b.numpy()].tolist() for b in loader.batch_indices()]
+    assert [y.tolist() for _, y in loader] == want
+    assert not [t for t in threading.enumerate() if t.name in ("fastcd-feed", "fastcd-decode")]
+
+
 def test_staged_passes_errors_and_stops_its_source() -> None:
     closed = threading.Event()
 

@@ -276,8 +276,8 @@ def open_epoch(root: Path, epoch: int, contents: Contents, samples: int) -> dict
         path = folder / f"{name}.npy"
         try:
             arrays[name] = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise FastcdError(f"teacher cache file {str(path)!r} cannot be read ({e})") from None
+        except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+            raise FastcdError(f"teacher cache file {str(path)!r} cannot be read ({e or type(e).__name__})") from None
         array = arrays[name]
         if array.shape != (samples, cols) or array.dtype != dtype:
             raise FastcdError(f"{path} holds {array.shape} {array.dtype}, the manifest says {(samples, cols)} "

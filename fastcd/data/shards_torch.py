@@ -119,6 +119,7 @@ class ShardsTorchLoader(IndexedLoader):
         self.plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
         if self.device_decode:
             self.feed = HostFeed(self.samples, SLOTS, pin=ctx.device.type == "cuda")
+            self._active: Iterator[tuple[Tensor, Tensor]] | None = None
         else:
             self.sampler = _EpochBatches()
             self.loader = DataLoader(_Batches(self.samples, self.plan), batch_size=None, sampler=self.sampler,
@@ -151,11 +152,14 @@ class ShardsTorchLoader(IndexedLoader):
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.device_decode:
+            if self._active is not None:  # an earlier epoch's stages, left unfinished: stopped before the buffers
+                self._active.close()      # are handed out again
             plan = dataclasses.replace(self.plan, epoch=self.epoch, res=self.res)
             self.feed.reset(self.ctx.device)
             fed = staged(self.batch_indices(), lambda indices, stop: self.feed.batch(indices, plan, stop), PREFETCH,
                          torch.device("cpu"), "fastcd-feed")
-            yield from staged(fed, self._decode, PREFETCH, self.ctx.device, "fastcd-decode")
+            self._active = staged(fed, self._decode, PREFETCH, self.ctx.device, "fastcd-decode")
+            yield from self._active
             return
         for images, labels in self.loader:
             images = images.to(self.ctx.device, non_blocking=True)
