@@ -202,7 +202,7 @@ fi
 step train-fed 220 bash -c "while kill -0 $DATA_PID 2>/dev/null; do sleep 1; done
   tail -n 3 '$LOGS/data-prep.log'
   exec '$FASTCD' bench train '$CONFIG' --data loader --feed --data-path '$DATA' --images $IMAGES ${FED[*]} --out '$RESULTS'"
-step bench-feed 90 "$FASTCD" bench feed "$DATA" "${FEED[@]}" --out "$RESULTS"
+step bench-feed 90 "$FASTCD" bench feed "$DATA" --images "$IMAGES" "${FEED[@]}" --out "$RESULTS"
 # b) time to accuracy: the demo on this machine, on the Fashion-MNIST that travelled with the tree
 step demo 120 bash -c "[ -d '$FMNIST' ] || { echo 'skipped: no $FMNIST (run bash bench/gpu_suite.sh --stage-data and carry .gpu-data)'; exit 1; }
   '$FASTCD' demo --force --out '$W/demo' ${DEMO[*]} --set data.path='$FMNIST' || exit 1

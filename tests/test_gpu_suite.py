@@ -37,12 +37,13 @@ def test_dry_run_records_every_step(tmp_path):
     assert len(files) <= 8 and all(f.is_file() and f.stat().st_size <= 16 * 2**20 for f in files), files
     with tarfile.open(out / "results.tar.gz") as tar:
         names = sorted(Path(n).name for n in tar.getnames() if n.endswith((".json", ".md", ".png")))
-        kinds = {n.split("-", 3)[-1] for n in names}
+        kinds = {n.split("-", 4)[-1] for n in names}  # <date>-<machine>-<kind>
         assert {"kernels.json", "loader.json", "train.json", "train.md", "train.png", "train-feed.json",
                 "train-feed-loader.md", "feed.json", "table.md"} <= kinds, names
 
         def runs(kind: str) -> list[dict]:
-            return json.load(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(f"-{kind}.json"))))
+            return json.load(tar.extractfile(next(m for m in tar.getmembers()
+                                                  if Path(m.name).name.split("-", 4)[-1] == f"{kind}.json")))
 
         train, fed, feed = runs("train"), runs("train-feed"), runs("feed")
     assert [run["data"] for run in train] == ["synthetic"] and train[0]["ablation"]
