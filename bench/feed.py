@@ -15,7 +15,9 @@ interleaved, in this process pinned to --cores cores (the median is reported, wi
 
 img/s per core is img/s divided by the cores the process may use; CPU µs per image is the process's CPU
 time (all its threads) per image. Peak host RSS and GPU memory are the process's, after all rows, beside its
-RSS after the imports (torch alone is most of it); the data is generated and prepared in a child process.
+RSS after the imports (torch alone is most of it) and, at the end, its own (anonymous) and file-backed
+resident pages (the mapped shards, which are page cache); the data is generated and prepared in a child
+process.
 """
 from __future__ import annotations
 
@@ -136,6 +138,14 @@ def _prepared_elsewhere(out: Path, images: int) -> None:
         raise FastcdError(f"preparing {images} generated JPEGs into {out} failed (exit code {proc.exitcode})")
 
 
+def _rss_split() -> dict[str, float]:
+    """This process's resident memory now, in MiB: its own (anonymous) and file-backed pages (the mapped shards:
+    the kernel's page cache, shared and reclaimable, which grows with the data read, not with the buffers)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {f"rss_{k[3:].lower()}_mib": round(int(fields[k].split()[0]) / 1024, 1) for k in ("RssAnon", "RssFile")
+            if k in fields}
+
+
 def _pin_cores(cores: int) -> list[int]:
     available = sorted(os.sched_getaffinity(0))
     if not 1 <= cores <= len(available):
@@ -177,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     for k in range(args.repeats):
         for r in rows:
             timings[r].append(_time(runs[r], list(range(1 + k * args.epochs, 1 + (k + 1) * args.epochs))))
-    mem = peak_memory()
+    mem = {**peak_memory(), **_rss_split()}
     results = []
     for r in rows:
         speeds = [n / wall for wall, _, n in timings[r]]
@@ -194,7 +204,9 @@ def run(args: argparse.Namespace) -> int:
     result = {"prepared": args.prepared, "images": len(samples), "batch": args.batch, "res": args.res,
               "cores": len(cores), "epochs": args.epochs, "repeats": args.repeats, "device": str(device),
               "rows": results, "host_after_imports_mib": imports_mib, **mem}
-    print(f"peak host RSS {mem['host_peak_mib']:.0f} MiB ({imports_mib:.0f} MiB after the imports)" +
+    split = (f", now {mem['rss_anon_mib']:.0f} own + {mem['rss_file_mib']:.0f} file-backed"
+             if "rss_anon_mib" in mem else "")
+    print(f"peak host RSS {mem['host_peak_mib']:.0f} MiB ({imports_mib:.0f} MiB after the imports{split})" +
           (f", peak GPU {mem['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in mem else ""))
     print(f"recorded to {record('feed', result, args.out)}")
     return 0
