@@ -1,12 +1,11 @@
-"""The main job, sized for about 11 minutes on an idle 2-core CPU: on Fashion-MNIST (10 000 training images),
+"""The main job, sized for about 12 minutes on an idle 2-core CPU: on Fashion-MNIST (10 000 training images),
 train a narrow ResNet-34 teacher once (width 1/4, 8 epochs), then, on each of 3 seeds, a narrower ResNet-18
 student (width 1/8, 5 epochs) alone and with CD+GKD+EDT, the CD+GKD+EDT row reading the teacher's targets
 from a teacher cache written once per seed. Prints the seed-format table (mean ± stdev over the seeds), the
 paired difference CD+GKD+EDT - student alone with its 95% interval, the share of the teacher's lead it closed
 with its interval, and a last line saying on how many seeds CD+GKD+EDT beat the student alone.
 
-The CPU runs in fp32 (train.amp auto), whose numbers move less across CPU kernels than bf16's
-(README, "The main job"). A teacher folder that already holds a finished run of the same config is reused
+The CPU runs in fp32 (train.amp auto: bf16 only on a GPU). A teacher folder that already holds a finished run of the same config is reused
 (and the table says so); `--fresh-teacher` retrains it.
 """
 from __future__ import annotations
