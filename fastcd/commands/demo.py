@@ -5,8 +5,8 @@ from a teacher cache written once per seed. Prints the seed-format table (mean Â
 paired difference CD+GKD+EDT - student alone with its 95% interval, the share of the teacher's lead it closed
 with its interval, and a last line saying on how many seeds CD+GKD+EDT beat the student alone.
 
-The CPU runs in fp32 (train.amp auto: bf16 only on a GPU). A teacher folder that already holds a finished run of the same config is reused
-(and the table says so); `--fresh-teacher` retrains it.
+The CPU runs in fp32 (train.amp auto: bf16 only on a GPU). A teacher folder that already holds a finished
+run of the same config is reused (and the table says so); `--fresh-teacher` retrains it.
 """
 from __future__ import annotations
 
