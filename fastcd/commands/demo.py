@@ -1,4 +1,4 @@
-"""The main job, sized for about 12 minutes on an idle 2-core CPU: on Fashion-MNIST (10 000 training images),
+"""The main job, sized for about 13 minutes on an idle 2-core CPU: on Fashion-MNIST (10 000 training images),
 train a narrow ResNet-34 teacher once (width 1/4, 8 epochs), then, on each of 3 seeds, a narrower ResNet-18
 student (width 1/8, 5 epochs) alone and with CD+GKD+EDT, the CD+GKD+EDT row reading the teacher's targets
 from a teacher cache written once per seed. Prints the seed-format table (mean ± stdev over the seeds), the
