@@ -85,8 +85,9 @@ def summary(rows: list[Row]) -> list[str]:
     spread = f" ± {statistics.stdev(diff.diffs):.2f}" if len(diff.diffs) > 1 else ""
     by = (f"by {-diff.mean:.2f}{spread} points of top-1 error" if diff.mean < 0
           else f"and was {diff.mean:.2f}{spread} points of top-1 error worse")
-    line = (f"CD+GKD+EDT beat the student alone on {len(wins)} of {len(seeds)} seeds"
-            f"{f' (not on seed {_seeds(lost)})' if lost and wins else ''}, {by} (mean ± stdev over seeds); ")
+    not_on = f" (not on seed{'s' if len(lost) > 1 else ''} {_seeds(lost)})" if lost and wins else ""
+    line = (f"CD+GKD+EDT beat the student alone on {len(wins)} of {len(seeds)} seeds{not_on}, {by} (mean ± stdev "
+            "over seeds); ")
     if diff.verdict == "one seed":
         line += "one seed gives no interval (--seeds 3 or more)."
     elif diff.verdict == "better":
