@@ -85,7 +85,7 @@ if [ $DRY = 1 ]; then
   KERNELS=(--cpu) TRAIN=("${TINY[@]}" --steps 3 --warmup 1 --skip torch.compile) IMAGES=48 WORKERS=2
   FED=("${TINY[@]}" --steps 3 --warmup 1) FEED=(--batch 8 --res 32 --repeats 1 --epochs 1)
   LOADER=(--res 32 --batch 8 --epochs 1)
-  DEMO=(--epochs 1 --teacher-epochs 1 --train-subset 256 --set data.val_subset=512)
+  DEMO=(--seeds 2 --epochs 1 --teacher-epochs 1 --train-subset 256 --set data.val_subset=512)
 else  # 16384 images: an epoch is 64 steps of 256, so the fed rows cross an epoch boundary
   KERNELS=() TRAIN=(--set data.res=176 --set data.val_res=176 --steps 25 --warmup 8) IMAGES=16384 WORKERS=16
   FED=(--set data.res=176 --set data.val_res=176 --steps 60 --warmup 12)

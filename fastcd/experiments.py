@@ -1,9 +1,9 @@
 """Run a list of experiments from one config folder: a teacher first, then the rows that distil from it.
 
-Used by `fastcd demo` (one seed) and `fastcd repro` (several): each seed has its own teacher, and that
-seed's distilled students read the teacher's final checkpoint (`latest.pt`, the one whose error the table
-reports). A teacher folder that already holds a finished run of exactly the same config is reused, not
-retrained. With `teacher_cache`, the teacher's targets on that seed's crops are written once
+Used by `fastcd repro` (each seed has its own teacher) and `fastcd demo` (one teacher, trained once, shared
+by every seed's students): the distilled students read the teacher's final checkpoint (`latest.pt`, the one
+whose error the table reports). A teacher folder that already holds a finished run of exactly the same
+config is reused, not retrained. With `teacher_cache`, the teacher's targets on that seed's crops are written once
 (`fastcd.cache`, fp32: the same numbers the live teacher gives) and every row whose losses need no whole
 teacher map (all but AT and FitNets) reads them instead of running the teacher.
 """
@@ -60,12 +60,13 @@ class Result:
 
 
 def experiment_config(folder: Path, exp: Experiment, run_dir: Path, overrides: Sequence[str],
-                      seed: int | None) -> Config:
+                      seed: int | None, teacher_dir: Path | None = None) -> Config:
     """The config of `exp` writing to `run_dir/<folder or key>`; a row with a teacher reads
-    `run_dir/<TEACHER>/latest.pt` unless the overrides set `teacher.weights`. The overrides are shared by every
-    row: `teacher.*` ones apply only to rows that have a teacher."""
+    `<teacher_dir or run_dir>/<TEACHER>/latest.pt` unless the overrides set `teacher.weights`. The overrides
+    are shared by every row: `teacher.*` ones apply only to rows that have a teacher."""
     path = folder / f"{exp.key}.yaml"
-    extra = [f"train.out_dir={run_dir / (exp.folder or exp.key)}", f"teacher.weights={run_dir / TEACHER / 'latest.pt'}",
+    weights = (teacher_dir or run_dir) / TEACHER / "latest.pt"
+    extra = [f"train.out_dir={run_dir / (exp.folder or exp.key)}", f"teacher.weights={weights}",
              *overrides, *exp.overrides, *([f"train.seed={seed}"] if seed is not None else [])]
     return load_config(path, drop_overrides_into_null(path, extra))
 
@@ -129,17 +130,22 @@ def write_teacher_cache(configs: Sequence[Config]) -> float:
 
 def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, overrides: Sequence[str],
                     seeds: Sequence[int | None] = (None,), force: bool = False, fresh_teacher: bool = False,
-                    teacher_cache: bool = False) -> list[Result]:
-    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. A teacher
-    folder holding a finished run of the same config is reused (unless `fresh_teacher`); any other run folder
-    that holds a previous run is an error, found before anything trains, unless `force`. With `teacher_cache`,
-    each seed's cacheable rows read its teacher's targets from `<seed folder>/teacher-cache`, written before
-    the first of them trains."""
+                    teacher_cache: bool = False, shared_teacher: bool = False) -> list[Result]:
+    """Train every experiment for every seed (in `out/seed<N>/`, or `out/` for seed None), in order. With
+    `shared_teacher` the TEACHER experiment is trained once, in `out/` with its config's seed, before the
+    seeds' rows, and every seed's rows distil from it. A teacher folder holding a finished run of the same
+    config is reused (unless `fresh_teacher`); any other run folder that holds a previous run is an error,
+    found before anything trains, unless `force`. With `teacher_cache`, each seed's cacheable rows read its
+    teacher's targets from `<seed folder>/teacher-cache`, written before the first of them trains."""
     plan = []
+    if shared_teacher:
+        plan += [(None, exp, experiment_config(folder, exp, out, overrides, None))
+                 for exp in experiments if exp.key == TEACHER]
+        experiments = [exp for exp in experiments if exp.key != TEACHER]
     for seed in seeds:
         run_dir = out if seed is None else out / f"seed{seed}"
         for exp in experiments:
-            cfg = experiment_config(folder, exp, run_dir, overrides, seed)
+            cfg = experiment_config(folder, exp, run_dir, overrides, seed, out if shared_teacher else None)
             if teacher_cache and cacheable(cfg):
                 cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache=str(run_dir / CACHE)))
             plan.append((seed, exp, cfg))
@@ -150,10 +156,9 @@ def run_experiments(folder: Path, experiments: Sequence[Experiment], out: Path, 
     reusable = {id(cfg): history for _, exp, cfg in plan if exp.key == TEACHER and not fresh_teacher
                 and (history := finished_run(cfg)) is not None}
     for _, _, cfg in plan:
-        found = existing_run_files(cfg.out_path)
-        if found and not force and id(cfg) not in reusable:
+        if id(cfg) not in reusable and not force and (found := existing_run_files(cfg.out_path)):
             raise FastcdError(f"run folder {str(cfg.out_path)!r} already holds a run ({', '.join(found)}); replace "
-                              "the runs with --force, or choose another folder with --out")
+                              "the runs there with --force, or pick another --out")
     results = []
     for seed, exp, cfg in plan:
         where = "" if seed is None else f", seed {seed}"

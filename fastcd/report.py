@@ -84,11 +84,16 @@ def paired(row: Row, reference: Row) -> Paired:
     diffs = [v - ref[s] for s, v in zip(row.seeds, row.top1) if s in ref]
     if not diffs:
         raise ValueError(f"{row.name} and {reference.name} share no seed")
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return Paired(diffs, mean, math.nan)
-    t = T975[len(diffs) - 2] if len(diffs) - 1 <= len(T975) else 1.96
-    return Paired(diffs, mean, t * statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    return Paired(diffs, *mean_interval(diffs))
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """The mean of `values` and the half-width of its two-sided 95% t-interval (nan for one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    t = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def paired_table(rows: list[Row], references: list[Row]) -> str:

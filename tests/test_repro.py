@@ -1,6 +1,8 @@
 """`fastcd repro fashion-mnist` and `fastcd demo` end to end with a tiny budget: every row of the seed's table,
 the paired differences, the report and its plot; a finished teacher reused, not retrained."""
+import json
 import re
+import statistics
 
 import pytest
 
@@ -84,8 +86,12 @@ def test_experiments_refuse_a_previous_run_before_training_anything(tmp_path, ca
     with pytest.raises(FastcdError, match="baseline' already holds a run .*--force"):
         run_experiments(CONFIGS, ROWS[:2], tmp_path, [])
     assert not (tmp_path / "t_resnet34").exists()
+    (tmp_path / "seed0" / "s_resnet18.baseline").mkdir(parents=True)  # where the demo puts seed 0's student
+    (tmp_path / "seed0" / "s_resnet18.baseline" / "metrics.jsonl").write_text("")
     assert main(["demo", "--out", str(tmp_path)]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the refusal names options the demo has (it has no --resume)
+    assert "already holds a run" in err and "--force" in err and "--out" in err and "--resume" not in err
+    assert not (tmp_path / "t_resnet34").exists()
 
 
 def test_a_finished_teacher_of_the_same_config_is_reused_and_any_change_retrains(tmp_path, capsys) -> None:
@@ -137,32 +143,87 @@ def test_a_teacher_stopped_early_is_not_reused(tmp_path) -> None:
     assert finished_run(cfg) is not None
 
 
-def test_demo_prints_a_filled_table_the_gap_closed_and_reuses_its_teacher(tmp_path, capsys) -> None:
-    args = ["demo", "--out", str(tmp_path), "--epochs", "1", "--teacher-epochs", "1", "--train-subset", "128",
-            "--set", "data.val_subset=64", *TINY_ARGS]
+def _final_top1(run) -> float:
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in x]
+    return epochs[-1]["val_top1_err"]
+
+
+def test_demo_trains_the_teacher_once_students_on_each_seed_and_reports_their_statistics(tmp_path, capsys) -> None:
+    args = ["demo", "--out", str(tmp_path), "--seeds", "2", "--epochs", "1", "--teacher-epochs", "1",
+            "--train-subset", "128", "--set", "data.val_subset=64", "--set", "train.progress=false", *TINY_ARGS]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert f"runs: {tmp_path / 't_resnet34'} (the teacher)" in out and f"this table: {tmp_path / 'table.md'}" in out
+    assert (tmp_path / "table.md").read_text().strip().splitlines()[-1] == out.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0", "seed1", "t_resnet34", "table.md"]
+    teacher = _final_top1(tmp_path / "t_resnet34")
+    student = [_final_top1(tmp_path / f"seed{s}" / "s_resnet18.baseline") for s in (0, 1)]
+    distilled = [_final_top1(tmp_path / f"seed{s}" / "s_resnet18.t_resnet34.cd.kdv2.lrdv2") for s in (0, 1)]
+    for s in (0, 1):
+        run = tmp_path / f"seed{s}"
+        assert (run / "teacher-cache" / "manifest.json").is_file() and not (run / "t_resnet34").exists()
+        config = (run / "s_resnet18.t_resnet34.cd.kdv2.lrdv2" / "config.yaml").read_text()
+        assert f"cache: {run / 'teacher-cache'}" in config and f"seed: {s}" in config
+        assert f"weights: {tmp_path / 't_resnet34' / 'latest.pt'}" in config
     table = [x for x in out.splitlines() if x.startswith("| ")]
-    assert len(table) == 5 and all("|  |" not in x for x in table)
-    assert table[2].startswith("| t_resnet34 | teacher, alone | 1-crop |")
-    assert table[3].startswith("| ResNet18-B | student alone | 1-crop |")
-    assert table[4].startswith("| s_resnet18.t_resnet34.cd.kdv2.lrdv2 | CD+GKD+EDT | 1-crop |")
-    assert re.search(r"The teacher (leads the student alone by \d+\.\d\d points .* closed -?\d+\.\d\d of them|"
-                     r"does not lead the student alone)", out)
-    assert (tmp_path / "table.md").read_text().strip().endswith(out.strip().splitlines()[-1])
+    assert len(table) == 5
+    assert table[2].startswith(f"| t_resnet34 | teacher, alone | 1-crop | {teacher:.2f} |")
+    sd = statistics.stdev
+    assert table[3].startswith(f"| ResNet18-B | student alone | 1-crop | {statistics.mean(student):.2f} ± "
+                               f"{sd(student):.2f} |")
+    assert table[4].startswith(f"| s_resnet18.t_resnet34.cd.kdv2.lrdv2 | CD+GKD+EDT | 1-crop | "
+                               f"{statistics.mean(distilled):.2f} ± {sd(distilled):.2f} |")
+    diffs = [d - s for d, s in zip(distilled, student)]
+    half = 12.706 * sd(diffs) / 2 ** 0.5  # t(0.975, 1 degree of freedom)
+    mean = statistics.mean(diffs)
+    assert (f"same seed: {mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (mean [95% interval]; per seed: "
+            f"{diffs[0]:+.2f}, {diffs[1]:+.2f})") in out
+    wins = sum(d < 0 for d in diffs)
+    assert f"CD+GKD+EDT beat the student alone on {wins} of 2 seeds" in out.strip().splitlines()[-1]
+    assert main(args) == 2  # a used --out without --force: the refusal names the options demo has
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--force" in err and "--out" in err and "--resume" not in err
     assert main(args + ["--force"]) == 0
     again = capsys.readouterr().out
-    assert "reusing the finished run" in again and "| t_resnet34 | teacher, alone | 1-crop |" in again
-    assert re.search(r"\| t_resnet34 \|.*\| reused \|", again) and "was not retrained" in again
+    assert "reusing the finished run" in again and re.search(r"\| t_resnet34 \|.*\| reused \|", again)
+    assert "was not retrained" in again
 
 
-def test_gap_closed_line() -> None:
-    from fastcd.commands.demo import gap_closed
+def _rows(student: list[float], distilled: list[float]) -> list:
     from fastcd.report import Row
 
-    rows = [Row("t_resnet34", top1=[10.0]), Row("ResNet18-B", top1=[14.0]),
-            Row("s_resnet18.t_resnet34.cd.kdv2.lrdv2", top1=[11.0])]
-    line = gap_closed(rows)
-    assert "leads the student alone by 4.00 points" in line and "closed 3.00 of them (75%" in line
-    rows[0].top1 = [15.0]
-    assert "does not lead" in gap_closed(rows)
+    return [Row("t_resnet34", seeds=[None], top1=[10.0]), Row("ResNet18-B", seeds=[0, 1, 2], top1=student),
+            Row("s_resnet18.t_resnet34.cd.kdv2.lrdv2", seeds=[0, 1, 2], top1=distilled)]
+
+
+def test_demo_summary_against_a_hand_computation() -> None:
+    from fastcd.commands.demo import summary
+
+    # differences -3, -2.5, -1.5: mean -2.33, stdev 0.76, half-width 4.303 * 0.7638 / sqrt(3) = 1.90;
+    # teacher leads 4, 5, 3; shares closed 75%, 50%, 50%: mean 58.3%, half-width 4.303 * 14.43 / sqrt(3) = 35.9
+    lines = summary(_rows([14.0, 15.0, 13.0], [11.0, 12.5, 11.5]))
+    assert "same seed: -2.33 [-4.23, -0.44] (mean [95% interval]; per seed: -3.00, -2.50, -1.50)" in lines[0]
+    assert "leads the student alone by 4.00 ± 1.00 points; CD+GKD+EDT closed 2.33 ± 0.76 of them, 58% [22%, 94%]" \
+        in lines[1] and "per seed: 75%, 50%, 50%" in lines[1]
+    assert lines[-1] == ("CD+GKD+EDT beat the student alone on 3 of 3 seeds, by 2.33 ± 0.76 points of top-1 error "
+                         "(mean ± stdev over seeds); the 95% interval of the difference excludes 0.")
+    # one seed lost (+0.5): mean -1.33, stdev 1.76, interval [-5.71, +3.04] holds 0
+    last = summary(_rows([14.0, 15.0, 13.0], [11.0, 15.5, 11.5]))[-1]
+    assert last.startswith("CD+GKD+EDT beat the student alone on 2 of 3 seeds (not on seed 1), by 1.33 ± 1.76")
+    assert "holds 0, so at 3 seeds the demo does not show that CD+GKD+EDT helps" in last
+    # the teacher behind the student alone on a seed: no share of a gap
+    assert "does not lead the student alone on every seed" in summary(_rows([9.0, 15.0, 13.0], [8.0, 12.5, 11.5]))[1]
+
+
+def test_demo_help_and_readme_state_the_same_time() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helps = subprocess.run([sys.executable, "-m", "fastcd.cli", "demo", "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    minutes = re.search(r"about (\d+) minutes on an idle 2-core CPU", " ".join(helps.split()))
+    assert minutes, helps
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"make demo    # set up everything, then run the main job: a real, small distillation on the CPU " \
+           f"(~{minutes[1]} min" in readme
