@@ -25,12 +25,13 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards only (as on a machine without FFCV), of non-square smooth images of many sizes."""
     root = tmp_path_factory.mktemp("device-decode")
     rng = np.random.default_rng()
+    odd = [(500, 281), (389, 257)]  # sizes whose val crops two rounding rules once placed a pixel apart
     for split, per_class in (("train", 8), ("val", 5)):
         for c in range(CLASSES):
             folder = root / "src" / split / f"c{c}"
             folder.mkdir(parents=True)
             for i in range(per_class):
-                w, h = (int(v) for v in rng.integers(40, 120, 2))
+                w, h = odd.pop() if split == "val" and odd else (int(v) for v in rng.integers(40, 120, 2))
                 smooth_image(rng, w, h).save(folder / f"{i}.jpg", quality=95)
     prepare(root / "src", root / "out", formats=["dali"], workers=1, shard_samples=7, progress=False)
     return root / "out"
@@ -52,8 +53,10 @@ def test_device_decode_executes_the_workers_crops(prepared: Path, split: str) ->
         assert torch.equal(ya, yb)  # the same samples in the same order
         assert b.shape == a.shape and b.is_contiguous(memory_format=torch.channels_last)
         levels = (a - b).abs() * 255 * min(DataConfig().std)  # normalised units -> about grey levels
-        # the same box and flip; only the resize filter differs (area average vs antialiased bilinear)
-        assert levels.mean() < (1.0 if split == "train" else 2.0) and levels.max() < 12
+        # the same box and flip, image by image; only the resize filter differs (area average vs antialiased
+        # bilinear). A box a pixel off, or a flip missed, breaks these bounds on some image.
+        per_image_mean, per_image_max = levels.mean((1, 2, 3)), levels.amax((1, 2, 3))
+        assert per_image_mean.max() < 1.5 and per_image_max.max() < 12, (per_image_mean, per_image_max)
 
 
 def test_device_decode_follows_the_epoch_and_dtype(prepared: Path) -> None:
