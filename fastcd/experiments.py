@@ -110,7 +110,7 @@ def write_teacher_cache(configs: Sequence[Config]) -> float:
     """Write (or go on with) the cache at `configs[0].teacher.cache` that every one of `configs` reads: their
     teacher over the most epochs any trains, fp32, with logits and embedding when one reads them; a cache of
     another teacher there (retrained since) is rebuilt. Returns the seconds it took."""
-    from fastcd.cache.write import contents_for, write_cache
+    from fastcd.cache.write import CacheMismatch, contents_for, write_cache
 
     path = Path(configs[0].teacher.cache)
     live = dataclasses.replace(configs[0], teacher=dataclasses.replace(configs[0].teacher, cache=""))
@@ -121,9 +121,7 @@ def write_teacher_cache(configs: Sequence[Config]) -> float:
     start = time.perf_counter()
     try:
         write_cache(live, path, epochs, contents)
-    except FastcdError as e:
-        if "holds a cache for another config" not in str(e):
-            raise
+    except CacheMismatch:
         write_cache(live, path, epochs, contents, force=True)
     return time.perf_counter() - start
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastcd.cache.store import CacheReader
-from fastcd.cache.use import cache_epoch, open_cache
+from fastcd.cache.use import open_cache, set_train_epoch
 from fastcd.cache.write import contents_for, write_cache
 from fastcd.config import Config, load_config
 from fastcd.data import BatchLoader, build_loader
@@ -84,10 +84,8 @@ def _endless(loader: BatchLoader, cfg: Config, cache: CacheReader | None,
     """Epoch after epoch of ((images, labels), the teacher's cached targets or None), as the trainer reads them."""
     epoch = 0
     while True:
-        replayed = cache_epoch(cfg, cache, epoch) if cache else epoch
-        loader.set_epoch(replayed)
-        targets = cache.batches(replayed, loader.batch_indices(), device) if cache else itertools.repeat(None)
-        yield from zip(loader, targets)
+        targets = set_train_epoch(cfg, loader, cache, epoch, 0, device)
+        yield from zip(loader, itertools.repeat(None) if targets is None else targets)
         epoch += 1
 
 

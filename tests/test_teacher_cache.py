@@ -178,7 +178,10 @@ def test_an_interrupted_cache_write_resumes_to_the_same_files(tmp_path: Path, te
     assert main(["cache-teacher", str(src), "--out", str(resumed), *other]) == 2  # another config: refused
 
 
-def test_backends_that_cannot_replay_crops_are_refused(tmp_path: Path, teacher: str) -> None:
+def test_backends_that_cannot_replay_crops_are_refused(tmp_path: Path, teacher: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing and reading a cache both check the loader's `replays_crops` flag, before anything else."""
+    from fastcd.cache.use import open_cache
     from fastcd.data.base import BatchLoader
 
     class Opaque(BatchLoader):
@@ -187,14 +190,35 @@ def test_backends_that_cannot_replay_crops_are_refused(tmp_path: Path, teacher: 
         def __len__(self) -> int:
             return 0
 
-        def set_epoch(self, epoch: int) -> None:
+        def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
             pass
 
         def __iter__(self):
             return iter(())
 
-    with pytest.raises(FastcdError, match="cannot be used with a teacher cache"):
-        Opaque().fingerprint()
+    cfg = config_from_dict(yaml.safe_load(distill(tmp_path, teacher, "src", CE_CD).read_text()))
+    monkeypatch.setattr(cache_write, "build_loader", lambda *args: Opaque())
+    with pytest.raises(FastcdError, match="data.backend 'synthetic' cannot be used with a teacher cache"):
+        cache_write.write_cache(cfg, tmp_path / "cache", 1, cache_write.contents_for(cfg))
+    assert not (tmp_path / "cache").exists()
+    cached = config_from_dict(cfg.to_dict(), [f"teacher.cache={tmp_path / 'nowhere'}"])
+    with pytest.raises(FastcdError, match="cannot be used with a teacher cache: its crops are not fastcd's"):
+        open_cache(cached, Opaque(), ())
+
+
+def test_a_cache_of_another_config_is_a_typed_refusal_that_experiments_rebuild(tmp_path: Path,
+                                                                               teacher: str) -> None:
+    from fastcd.experiments import write_teacher_cache
+
+    base = yaml.safe_load(distill(tmp_path, teacher, "src", CE_CD).read_text())
+    cache = tmp_path / "cache"
+    first, second = (config_from_dict(base, [f"teacher.cache={cache}", f"train.seed={seed}"]) for seed in (1, 2))
+    write_teacher_cache([first])
+    live = config_from_dict(second.to_dict(), ["teacher.cache="])
+    with pytest.raises(cache_write.CacheMismatch, match="holds a cache for another config or options"):
+        cache_write.write_cache(live, cache, 2, cache_write.contents_for(live, dtype="fp32"))
+    write_teacher_cache([second])
+    assert json.loads((cache / "manifest.json").read_text())["identity"]["seed"] == 2
 
 
 def peaked_teacher_logits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

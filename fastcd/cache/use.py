@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+import torch
 
 from fastcd.cache.identity import check_identity, identity
 from fastcd.cache.store import CacheReader, Contents
@@ -11,8 +13,16 @@ from fastcd.data.base import BatchLoader
 from fastcd.data.resolution import train_res
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class
+from fastcd.models import TeacherTargets
 
 STORED = {"tea_means": "stage means", "tea_logits": "logits", "tea_embed": "pooled embedding"}
+
+
+def check_replays(cfg: Config, loader: BatchLoader) -> None:
+    """Refuse a backend that does not replay fastcd's crops (`replays_crops`): a cache cannot match them."""
+    if not loader.replays_crops:
+        raise FastcdError(f"data.backend {cfg.data.backend!r} cannot be used with a teacher cache: its crops are "
+                          "not fastcd's per-sample plan; use data.backend torch, dali, fashion-mnist or synthetic")
 
 
 def check_topk(cfg: Config, contents: Contents, where: str) -> None:
@@ -52,8 +62,7 @@ def open_cache(cfg: Config, loader: BatchLoader, inputs: Iterable[str]) -> Cache
     teacher target the losses read (`inputs`), top-k logits only at T=1; otherwise a one-line error naming
     the mismatch."""
     path = cfg.teacher.cache
-    if not loader.replays_crops:
-        loader.fingerprint()  # raises: this backend's crops cannot be replayed
+    check_replays(cfg, loader)
     reader = CacheReader(path)
     check_identity(reader.manifest["identity"], identity(cfg, loader, reader.epochs), path)
     if cfg.train.epochs > reader.epochs and cfg.teacher.cache_reuse == "exact":
@@ -76,3 +85,16 @@ def cache_epoch(cfg: Config, reader: CacheReader, epoch: int) -> int:
     """The cache epoch (0-based) that training epoch `epoch` (0-based) replays: itself, or it modulo the
     cache's epochs under `cache_reuse: cycle`."""
     return epoch % reader.epochs if cfg.teacher.cache_reuse == "cycle" else epoch
+
+
+def set_train_epoch(cfg: Config, loader: BatchLoader, cache: CacheReader | None, epoch: int, start_batch: int,
+                device: torch.device) -> Iterator[TeacherTargets] | None:
+    """Set the train `loader` to training epoch `epoch` (0-based) from its batch `start_batch`: with a `cache`,
+    to the crops of the cache epoch it replays, whose stored targets (per batch, on `device`) are returned;
+    without one, None."""
+    if cache is None:
+        loader.set_epoch(epoch, start_batch)
+        return None
+    replayed = cache_epoch(cfg, cache, epoch)
+    loader.set_epoch(replayed, start_batch)
+    return cache.batches(replayed, loader.batch_indices(), device)

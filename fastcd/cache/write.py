@@ -21,7 +21,7 @@ from fastcd.cache.store import (
     valid_logits,
     write_manifest,
 )
-from fastcd.cache.use import check_topk
+from fastcd.cache.use import check_replays, check_topk
 from fastcd.config import Config, TeacherConfig
 from fastcd.data import build_loader
 from fastcd.data.base import BatchLoader
@@ -34,6 +34,10 @@ from fastcd.models.teacher import build_teacher, stage_channels, weights_sha256
 
 FLUSH_EVERY = 20  # batches between flushes of the arrays and progress.json
 LOCK_NAME = ".cache-teacher.lock"  # one `fastcd cache-teacher` at a time per cache folder
+
+
+class CacheMismatch(FastcdError):
+    """The cache folder holds a cache of another config or options (`write_cache` without `force`)."""
 
 
 PREPARED = ("torch", "dali")  # backends that read a `fastcd prepare` folder (the cache goes beside its data)
@@ -89,15 +93,14 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
         raise FastcdError("fastcd cache-teacher runs in one process; start it without torchrun")
     seed_everything(cfg.train.seed)
     loader = build_loader(cfg.data, "train", dataclasses.replace(loader_context(cfg, rt), keep_last=True))
-    if not loader.replays_crops:
-        loader.fingerprint()  # a one-line error: this backend's crops cannot be replayed
+    check_replays(cfg, loader)
     digest = weights_sha256(t)
     manifest = new_manifest(identity(cfg, loader, epochs, digest), contents, epochs, loader.size)
     with locked(out, LOCK_NAME, "fastcd cache-teacher", "cache folder (--out)"):
         if (out / "manifest.json").is_file() and not force:
             wrong = _mismatch(out, manifest)
             if wrong:
-                raise FastcdError(f"{out} holds a cache for another config or options ({wrong}); pick another "
+                raise CacheMismatch(f"{out} holds a cache for another config or options ({wrong}); pick another "
                                   "--out, or --force to rebuild it")
             done = read_manifest(out)["epochs_done"]
             manifest["epochs_done"] = [e for e in done if e < epochs and _intact(out, e, contents, loader.size)]

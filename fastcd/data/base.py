@@ -45,13 +45,9 @@ class BatchLoader(ABC):
     num_classes: int
     num_samples: int  # samples this rank sees per epoch
     # True when a backend draws its training crops from `crops.CropPlan` and yields the samples of
-    # `batch_indices()` in that order: a teacher cache can then replay what the teacher saw.
+    # `batch_indices()` in that order: a teacher cache can then replay what the teacher saw. Such a backend
+    # also has `fingerprint()`, a digest of the data it reads (a cache must come from the same data).
     replays_crops: ClassVar[bool] = False
-
-    def fingerprint(self) -> str:
-        """A digest of the data this loader reads (a teacher cache must come from the same data)."""
-        raise FastcdError(f"the {type(self).__name__} backend cannot be used with a teacher cache: its crops "
-                          "are not fastcd's per-sample plan; use data.backend torch, dali, fashion-mnist or synthetic")
 
     @abstractmethod
     def __len__(self) -> int:

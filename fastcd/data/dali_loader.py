@@ -26,9 +26,9 @@ from nvidia.dali import Pipeline, fn, types
 from torch import Tensor
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
+from fastcd.data.base import BatchLoader, LoaderContext, Split
 from fastcd.data.crops import CropPlan
-from fastcd.data.prepared import ShardSamples, open_prepared
+from fastcd.data.prepared import ShardLoader, ShardSamples
 
 # What crop_mirror_normalize writes for each run dtype (no bfloat16 in DALI: fp32, rounded once by torch).
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
@@ -89,22 +89,13 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, batch_siz
     return pipe
 
 
-class DaliLoader(IndexedLoader):
+class DaliLoader(ShardLoader):
     """Shards decoded and augmented by DALI, in `epoch_indices` order."""
 
-    replays_crops = True
-
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
-        prepared = open_prepared(cfg.path, split, ctx, "dali")
-        self.prepared = prepared
-        self.samples = ShardSamples(prepared)
-        super().__init__(cfg, split, ctx, len(self.samples))
-        self.num_classes = len(prepared.classes)
+        super().__init__(cfg, split, ctx)
         self.pipe = _build(cfg, ctx, self.samples, self.batch_size)
         self.set_epoch(0)
-
-    def fingerprint(self) -> str:
-        return self.prepared.fingerprint()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = self.batch_indices()

@@ -1,4 +1,5 @@
-"""Open a prepared dataset (`fastcd prepare` OUT) for a loader: manifest, split, class count, files.
+"""Open a prepared dataset (`fastcd prepare` OUT) for a loader: manifest, split, class count, files; and
+`ShardLoader`, the base of the backends that read its shards by sample (torch, dali).
 
 Checks run when a loader is built, so bad input fails before training: the manifest's format
 version and referenced files (`load_manifest`), the split and the format the backend needs, the
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcd.data.base import LoaderContext, Split
+from fastcd.config import DataConfig
+from fastcd.data.base import IndexedLoader, LoaderContext, Split
 from fastcd.data_prep.manifest import load_manifest
 from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH, read_table
 from fastcd.errors import FastcdError
@@ -155,3 +157,20 @@ class ShardSamples:
                                   f"{needed}); re-run `fastcd prepare`")
             if bytes(self.jpeg(int(starts[s]))[:2]) != JPEG_MAGIC:
                 raise FastcdError(f"shard {tar} is corrupt: its first sample is not a JPEG; re-run `fastcd prepare`")
+
+
+class ShardLoader(IndexedLoader):
+    """A backend over the prepared shards of `cfg.path`, read by sample (`ShardSamples`) in the order of
+    `batch_indices()`, with the crops of `crops.CropPlan`: what the torch and DALI loaders share."""
+
+    replays_crops = True
+
+    def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
+        self.prepared = open_prepared(cfg.path, split, ctx, "dali")
+        self.samples = ShardSamples(self.prepared)
+        super().__init__(cfg, split, ctx, len(self.samples))
+        self.num_classes = len(self.prepared.classes)
+
+    def fingerprint(self) -> str:
+        """The prepared split's digest (`PreparedSplit.fingerprint`)."""
+        return self.prepared.fingerprint()

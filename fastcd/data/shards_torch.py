@@ -28,10 +28,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from fastcd.config import DataConfig
-from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
+from fastcd.data.base import BatchLoader, LoaderContext, Split
 from fastcd.data.crops import CropPlan
 from fastcd.data.feed import FedBatch, HostFeed, staged
-from fastcd.data.prepared import ShardSamples, open_prepared
+from fastcd.data.prepared import ShardLoader, ShardSamples
 from fastcd.data.transforms import normalize, resized_crops
 from fastcd.errors import FastcdError
 
@@ -104,17 +104,11 @@ class _Batches(Dataset):
         return out, torch.from_numpy(s.labels[idx])
 
 
-class ShardsTorchLoader(IndexedLoader):
+class ShardsTorchLoader(ShardLoader):
     """Shards -> torchvision decode (batched on the device, or in CPU workers) -> device batches."""
 
-    replays_crops = True
-
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
-        prepared = open_prepared(cfg.path, split, ctx, "dali")
-        self.prepared = prepared
-        self.samples = ShardSamples(prepared)
-        super().__init__(cfg, split, ctx, len(self.samples))
-        self.num_classes = len(prepared.classes)
+        super().__init__(cfg, split, ctx)
         self.device_decode = cfg.decode == "device" or (cfg.decode == "auto" and ctx.device.type == "cuda")
         self.plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
         if self.device_decode:
@@ -127,9 +121,6 @@ class ShardsTorchLoader(IndexedLoader):
                                      pin_memory=ctx.device.type == "cuda",
                                      multiprocessing_context=_worker_start() if cfg.workers > 0 else None)
         self.set_epoch(0)
-
-    def fingerprint(self) -> str:
-        return self.prepared.fingerprint()
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         super().set_epoch(epoch, start_batch)

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from fastcd.cache.use import cache_epoch, open_cache
+from fastcd.cache.use import cache_epoch, open_cache, set_train_epoch
 from fastcd.config import Config
 from fastcd.data import build_loader
 from fastcd.engine.distributed import describe_failure, is_collective_failure, teardown
@@ -214,13 +214,7 @@ class Run:
         self.step.set_weights(weights)
         start = epoch_start(self.position, epoch, self.rt)
         reseed(self.cfg.train.seed, epoch, start.step, self.rt.rank)
-        cached = None
-        if self.cache is None:
-            self.train_loader.set_epoch(epoch - 1, start.step)
-        else:  # the crops of the cache epoch this epoch replays, and their stored targets
-            replayed = cache_epoch(self.cfg, self.cache, epoch - 1)
-            self.train_loader.set_epoch(replayed, start.step)
-            cached = self.cache.batches(replayed, self.train_loader.batch_indices(), self.rt.device)
+        cached = set_train_epoch(self.cfg, self.train_loader, self.cache, epoch - 1, start.step, self.rt.device)
         self.model.train()
         stats = train_epoch(self.step, self.train_loader, self.steps, self.cfg, self.rt, epoch, weights,
                             self.latest, self.log, cached, start, lambda k, meter: self.within_epoch(epoch, k, meter))
