@@ -104,6 +104,9 @@ BACKENDS = {
     "dali": "fastcd.data.dali_loader:dali_loader",
 }
 
+# The backends whose loaders replay `crops.CropPlan` (`replays_crops`), as a message names them.
+REPLAYING = "torch, dali, fashion-mnist or synthetic"
+
 
 def build_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:
     """The loader of backend `cfg.backend` for `split`."""
