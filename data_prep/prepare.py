@@ -352,5 +352,13 @@ def upgrade(out: str | Path, progress: bool = True) -> list[str]:
         manifest = load_manifest(out)  # as it is now that OUT is ours
         todo = missing_tables(manifest)
         if todo:
-            add_missing_tables(out, manifest, progress)
+            try:
+                add_missing_tables(out, manifest, progress)
+            except OSError as e:  # a full disk, an unreadable shard: the manifest is untouched, rerun later
+                where = f" ({e.filename})" if e.filename else ""
+                raise FastcdError(f"upgrade of {out} stopped: {e.strerror or e}{where}; {out} is as it was: fix "
+                                  "that and run `fastcd prepare --upgrade` again") from e
+            except (ValueError, KeyError) as e:  # a shard whose index, label or JPEG header cannot be read
+                raise FastcdError(f"upgrade of {out} stopped: a shard cannot be read ({e}); run `fastcd prepare "
+                                  f"--verify {out}`") from e
     return todo

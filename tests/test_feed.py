@@ -108,6 +108,30 @@ def test_an_older_folder_is_refused_by_name_then_upgraded_once(prepared: Path, t
     assert verify(old)["train"] == 27
 
 
+def test_an_upgrade_on_a_full_disk_is_a_one_line_error_and_changes_nothing(prepared: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import fastcd.data_prep.sample_table as sample_table
+
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    manifest = json.loads(manifest_path(old).read_text())
+    del manifest["splits"]["train"]["samples"]
+    manifest_path(old).write_text(json.dumps(manifest))
+    (old / "train" / "samples.npy").unlink()
+    before = manifest_path(old).read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(old / "train" / "samples.npy"))
+
+    monkeypatch.setattr(sample_table, "write_table", full)
+    with pytest.raises(FastcdError, match="upgrade of .* stopped: No space left on device .*run `fastcd prepare "
+                                          "--upgrade` again"):
+        upgrade(old, progress=False)
+    assert manifest_path(old).read_bytes() == before and not (old / ".prepare.lock").exists()
+
+
 def test_gather_copies_each_jpeg_in_order(prepared: Path) -> None:
     s = samples_of(prepared)
     idx = np.array([26, 0, 13, 5, 5, 7])
