@@ -131,7 +131,6 @@ class DataConfig:
     dali_hw_decoder_load: float = _fraction(0.65)  # share of JPEGs sent to the GPU's hardware decoder (A100/H100)
     dali_prefetch: int = _at_least(1, 2)  # batches DALI prepares ahead
     dali_preallocate: int = _at_least(0, 0)  # expected max image side, to preallocate the mixed decoder (0 = off)
-    ffcv_order: Literal["random", "quasi_random"] = "random"  # quasi_random: with ffcv_os_cache false
     ffcv_os_cache: bool = True  # let the OS page cache hold the .beton (shared by processes)
 
 

@@ -34,7 +34,7 @@ CHANGEABLE = ("name", "teacher.weights", "teacher.bn_mode", "teacher.fold_bn", "
               "loss_list.loss_rate_decay", "loss_list.params",
               "data.backend", "data.path", "data.val_batch_size", "data.workers", "data.res", "data.scale_min",
               "data.min_res", "data.max_res", "data.start_ramp", "data.end_ramp", "data.decode",
-              "data.dali_hw_decoder_load", "data.dali_prefetch", "data.dali_preallocate", "data.ffcv_order",
+              "data.dali_hw_decoder_load", "data.dali_prefetch", "data.dali_preallocate",
               "data.ffcv_os_cache", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.nesterov",
               "optim.fused", "optim.schedule", "optim.milestones", "optim.gamma", "optim.step_size",
               "optim.warmup_epochs", "optim.peak_epoch", "optim.end_lr_ratio", "train.epochs",
