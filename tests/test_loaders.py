@@ -120,6 +120,27 @@ def test_val_identical_across_backends(data: dict) -> None:
         assert diff.mean() < 0.05 and diff.amax((1, 2, 3)).max() < 1.0, (backend, diff.mean(), diff.max())
 
 
+def test_each_backend_replays_crops_as_the_registry_says_and_names_its_resampling(
+        data: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`base.REPLAYS_CROPS`, read without building a loader (`vs_original.choose`), is each backend's
+    `replays_crops`; a loader that replays crops names its resampling (`base.RESAMPLING`, what a teacher cache's
+    identity records) and one that does not names none."""
+    import fastcd.data.fashion_mnist as fashion_mnist
+    from fastcd.data.base import BACKENDS as REGISTERED
+    from fastcd.data.base import REPLAYS_CROPS, RESAMPLING
+
+    assert list(REPLAYS_CROPS) == list(REGISTERED)
+    idx = (np.zeros((8, 28, 28), np.uint8), np.arange(8) % len(CLASSES))
+    monkeypatch.setattr(fashion_mnist, "load_split", lambda folder, split: idx)
+    for backend in REPLAYS_CROPS:
+        path = data["src"] if backend == "imagefolder" else data["out"]
+        loader = build_loader(config(data, backend, path=str(path)), "train", context())
+        assert loader.replays_crops is REPLAYS_CROPS[backend], backend
+        assert (loader.resampling in RESAMPLING) is loader.replays_crops, (backend, loader.resampling)
+    assert build_loader(config(data, "torch", decode="workers"), "train", context()).resampling == "antialiased"
+    assert build_loader(config(data, "torch", decode="device"), "train", context()).resampling == "area"
+
+
 def identify(images: list[torch.Tensor], means: np.ndarray) -> list[int]:
     """Which train sample each (full-image, maybe flipped) crop shows, by its mean colour."""
     found = torch.cat(images).float().mean((2, 3)).numpy()

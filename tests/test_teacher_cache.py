@@ -411,28 +411,71 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "out"
 
 
-def test_the_identity_is_what_makes_the_teacher_s_pixels_not_the_backend_name(tmp_path: Path, prepared: Path) -> None:
-    """`data.decode` changes the pixels of the torch backend (antialiased resize in the workers, area-averaged
-    on the device): refused. `decode: auto` resolves to the workers on a CPU: the same pixels, accepted. The
-    backend's name itself is not compared, only how it decodes and resamples."""
-    from fastcd.cache.identity import identity
-
-    raw = tiny_dict(str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def workers_cache(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> tuple[dict, Path]:
+    """A tiny config over `prepared` through the torch backend's workers, and the cache written through it."""
+    root = tmp_path_factory.mktemp("workers-cache")
+    raw = tiny_dict(str(root / "run"))
     for model in ("student", "teacher"):
         raw[model]["num_classes"] = 3
     raw["data"] = {"backend": "torch", "path": str(prepared), "res": 16, "val_res": 16, "batch_size": 4,
                    "workers": 0, "scale_min": 0.5, "decode": "workers"}
     raw["loss_list"] = CE_CD
     raw["train"].update(amp="fp32", device="cpu", epochs=1)
-    src = tmp_path / "src.yaml"
+    src = root / "src.yaml"
     src.write_text(yaml.safe_dump(raw))
-    cache = tmp_path / "cache"
-    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
-    with pytest.raises(FastcdError, match="data.pixels: the cache has 'torchvision decode_jpeg on cpu; antialiased"):
+    assert main(["cache-teacher", str(src), "--out", str(root / "cache")]) == 0
+    return raw, root / "cache"
+
+
+def test_a_cache_is_refused_by_the_resampling_not_the_backend_name(tmp_path: Path,
+                                                                   workers_cache: tuple[dict, Path]) -> None:
+    """What must agree is the crop definition and the named resampling: `data.decode: device` resamples by area,
+    where the workers' cache is antialiased, and is refused, naming it; `decode: auto` is the workers on a CPU
+    and is accepted. The backend's name is not compared."""
+    from fastcd.cache.identity import identity
+
+    raw, cache = workers_cache
+    assert json.loads((cache / "manifest.json").read_text())["identity"]["data"]["resampling"] == "antialiased"
+    with pytest.raises(FastcdError, match="data.resampling: the cache has 'antialiased', this run 'area'") as refused:
         train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=device"]))
-    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=auto"]))) == 1
+    assert "\n" not in str(refused.value)
+    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=auto",
+                                            f"train.out_dir={tmp_path / 'auto'}"]))) == 1
 
     synthetic = config_from_dict(tiny_dict(str(tmp_path / "s")))
     loader = build_loader(synthetic.data, "train", loader_context(synthetic, Runtime(torch.device("cpu"), 0, 0, 1)))
     renamed = config_from_dict(tiny_dict(str(tmp_path / "s")), ["data.backend=fashion-mnist"])
     assert identity(renamed, loader, 2) == identity(synthetic, loader, 2)
+
+
+def test_dali_reads_a_cache_written_through_the_torch_workers(tmp_path: Path,
+                                                              workers_cache: tuple[dict, Path]) -> None:
+    """DALI decodes with another JPEG decoder but resamples as the torch workers do (antialiased bilinear), over
+    the same prepared folder (the same data fingerprint): it reads their cache and trains from it."""
+    pytest.importorskip("nvidia.dali")
+    raw, cache = workers_cache
+    cfg = config_from_dict(raw, ["data.backend=dali"])
+    ctx = loader_context(cfg, Runtime(torch.device("cpu"), 0, 0, 1))
+    dali = build_loader(cfg.data, "train", ctx)
+    workers = build_loader(config_from_dict(raw).data, "train", ctx)
+    assert dali.fingerprint() == workers.fingerprint()
+    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.backend=dali",
+                                            f"train.out_dir={tmp_path / 'dali'}"]))) == 1
+
+
+def test_a_cache_of_the_previous_format_is_a_one_line_refusal(tmp_path: Path, teacher: str) -> None:
+    """A v2 cache (its identity named the decoder, not the resampling) is refused by its format, in one line
+    naming `fastcd cache-teacher`."""
+    src = distill(tmp_path, teacher, "src", CE_CD)
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", str(src), "--out", str(cache)]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["format"] = "fastcd-teacher-cache-v2"
+    manifest["identity"]["data"] = {k: v for k, v in manifest["identity"]["data"].items() if k != "resampling"}
+    manifest["identity"]["data"]["pixels"] = ("uint8 images in memory; bilinear affine resampling "
+                                            "(transforms.resized_crop_affine)")  # as v2 wrote it
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FastcdError, match="format 'fastcd-teacher-cache-v2'.*`fastcd cache-teacher") as refused:
+        train(config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={cache}"]))
+    assert "\n" not in str(refused.value)

@@ -81,6 +81,26 @@ def test_choose_keeps_the_knobs_that_helped_and_the_fastest_prepared_loader() ->
     assert none_ran.backend == FAST_DEFAULT[0] and len(none_ran.reasons) == 1 + len(KNOBS)
 
 
+def test_choose_takes_the_fastest_backend_that_replays_fastcd_s_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A faster backend with crops of its own ran but is not eligible, and the report says so; which backends
+    replay the crops comes from `data.base.REPLAYS_CROPS`, not a name written here."""
+    import fastcd.vs_original as vs
+    from fastcd.data.base import REPLAYS_CROPS
+
+    assert REPLAYS_CROPS[FAST_DEFAULT[0]]
+    loaders = [_ok("loader torch", 600, 0.9), _ok("loader ffcv", 881, 1.3), _ok("loader dali", 875, 1.29)]
+    monkeypatch.setattr(vs, "REPLAYS_CROPS", {**REPLAYS_CROPS, "ffcv": False})
+    c = choose([_ok("original", 100, 1.0), *loaders])
+    assert c.backend == "dali"
+    assert c.reasons[0] == ("- loader: dali, the fastest backend that replays fastcd's crops (875 img/s, 1.29x "
+                            "ImageFolder with the knobs above; ffcv 881 img/s does not replay them)")
+    alone = choose([_ok("original", 100, 1.0), loaders[1]])
+    assert alone.backend == FAST_DEFAULT[0]
+    assert "no backend that replays fastcd's crops ran in the breakdown (ffcv 881 img/s" in alone.reasons[0]
+    monkeypatch.setattr(vs, "REPLAYS_CROPS", {**REPLAYS_CROPS, "ffcv": True})
+    assert choose(loaders).backend == "ffcv"
+
+
 def test_vs_original_trains_both_pipelines_per_seed_and_reports_the_ratio(tmp_path, capsys) -> None:
     pytest.importorskip("nvidia.dali")
     args = ["repro", "fashion-mnist", "--vs-original", "--seeds", "2", "--epochs", "1", "--teacher-epochs", "1",

@@ -1,6 +1,7 @@
 """What a cache's targets depend on, recorded in its manifest and checked against the run that reads it: the
-teacher as it runs, and what makes its input pixels. The backend's name is not part of it, only how the
-backend makes pixels (decoder, resampling), so backends that execute the same crops the same way share caches."""
+teacher as it runs, and what makes its input pixels. Neither the backend's name nor its JPEG decoder is part of
+it, only the crop definition and the named resampling (`data.base.RESAMPLING`) the loader executes, so every
+backend that executes the same crops with the same resampling reads the same caches."""
 from __future__ import annotations
 
 import hashlib
@@ -30,24 +31,10 @@ def crop_definition() -> str:
     return digest.hexdigest()
 
 
-def pixel_path(cfg: Config, loader: BatchLoader) -> str:
-    """How `loader` (a backend that replays fastcd's crops) makes the teacher's input pixels from a crop box:
-    where and by what the images are decoded and resampled."""
-    d, device = cfg.data, loader.ctx.device.type
-    if d.backend in ("fashion-mnist", "synthetic"):
-        return "uint8 images in memory; bilinear affine resampling (transforms.resized_crop_affine)"
-    if d.backend == "torch" and loader.device_decode:
-        return f"torchvision decode_jpeg on {device}; area-averaged resize (transforms.resized_crops)"
-    if d.backend == "torch":
-        return "torchvision decode_jpeg on cpu; antialiased torchvision resized_crop of uint8 (workers)"
-    decoder = f"mixed, hardware decoder load {d.dali_hw_decoder_load}" if device == "cuda" else "cpu"
-    return f"DALI image_slice decoder ({decoder}); DALI resize"
-
-
 def identity(cfg: Config, loader: BatchLoader, epochs: int, weights_digest: str | None = None) -> dict[str, Any]:
     """What `cfg`'s teacher targets over `epochs` epochs read through its train `loader` depend on: the teacher
     (architecture, the sha256 of the weights it runs, BatchNorm handling, precision) and its input pixels
-    (the data's digest and subset, how the backend decodes and resamples, the crop definition and parameters,
+    (the data's digest and subset, the loader's named resampling, the crop definition and parameters,
     normalisation, each epoch's resolution, the seed)."""
     t, d = cfg.teacher, cfg.data
     return {
@@ -55,7 +42,7 @@ def identity(cfg: Config, loader: BatchLoader, epochs: int, weights_digest: str 
                     "weights_sha256": weights_digest or weights_sha256(t), "bn_mode": t.bn_mode,
                     "fold_bn": t.fold_bn, "precision": PRECISION[loader.ctx.dtype]},
         "data": {"fingerprint": loader.fingerprint(), "train_subset": d.train_subset,
-                 "pixels": pixel_path(cfg, loader)},
+                 "resampling": loader.resampling},
         "crops": {"definition": crop_definition(), "scale_min": d.scale_min, "ratio": list(RATIO),
                   "mean": list(d.mean), "std": list(d.std), "resolutions": [train_res(d, e) for e in range(epochs)]},
         "seed": cfg.train.seed,

@@ -20,7 +20,7 @@ from fastcd.errors import FastcdError
 from fastcd.models import TeacherTargets
 from fastcd.utils.atomic import atomic_write_json
 
-FORMAT = "fastcd-teacher-cache-v2"
+FORMAT = "fastcd-teacher-cache-v3"  # v3: the identity names the resampling, not the decoder
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
 

@@ -9,7 +9,7 @@ import torch
 from fastcd.cache.identity import check_identity, identity
 from fastcd.cache.store import CacheReader, Contents
 from fastcd.config import Config
-from fastcd.data.base import REPLAYING, BatchLoader
+from fastcd.data.base import REPLAYING_NAMES, BatchLoader
 from fastcd.data.resolution import train_res
 from fastcd.errors import FastcdError
 from fastcd.losses.registry import loss_class
@@ -22,7 +22,7 @@ def check_replays(cfg: Config, loader: BatchLoader) -> None:
     """Refuse a backend that does not replay fastcd's crops (`replays_crops`): a cache cannot match them."""
     if not loader.replays_crops:
         raise FastcdError(f"data.backend {cfg.data.backend!r} cannot be used with a teacher cache: its crops are "
-                          f"not fastcd's per-sample plan; use data.backend {REPLAYING}")
+                          f"not fastcd's per-sample plan; use data.backend {REPLAYING_NAMES}")
 
 
 def check_topk(cfg: Config, contents: Contents, where: str) -> None:

@@ -48,6 +48,9 @@ class BatchLoader(ABC):
     # `batch_indices()` in that order: a teacher cache can then replay what the teacher saw. Such a backend
     # also has `fingerprint()`, a digest of the data it reads (a cache must come from the same data).
     replays_crops: ClassVar[bool] = False
+    # Where `replays_crops`: the name (in `RESAMPLING`) of how the backend resamples each crop box to res x res,
+    # which a teacher cache's pixels depend on beside the boxes (`cache.identity`); None otherwise.
+    resampling: str | None = None
 
     @abstractmethod
     def __len__(self) -> int:
@@ -104,8 +107,24 @@ BACKENDS = {
     "dali": "fastcd.data.dali_loader:dali_loader",
 }
 
-# The backends whose loaders replay `crops.CropPlan` (`replays_crops`), as a message names them.
-REPLAYING = "torch, dali, fashion-mnist or synthetic"
+# Backend -> whether its loader replays `crops.CropPlan`: its loader class's `replays_crops` (a test holds them
+# to each other), known here without building a loader (`vs_original.choose`).
+REPLAYS_CROPS = {"imagefolder": False, "fashion-mnist": True, "synthetic": True, "torch": True, "ffcv": False,
+                 "dali": True}
+REPLAYING = tuple(backend for backend, replays in REPLAYS_CROPS.items() if replays)
+REPLAYING_NAMES = f"{', '.join(REPLAYING[:-1])} or {REPLAYING[-1]}"  # as a message names them
+
+# How a loader that replays crops resamples a box to res x res, by name (`BatchLoader.resampling`). A teacher
+# cache is shared by the loaders whose crop and resampling definitions agree; the JPEG decoder is not part of
+# it (decoders differ by a few grey levels, which tests/test_loaders_device.py bounds).
+RESAMPLING = {
+    "area": "area-averaged when shrinking, bilinear when enlarging (`transforms.resized_crops`: roi_align on an "
+            "adaptive sampling grid)",
+    "antialiased": "torchvision's antialiased bilinear: a triangle filter as wide as the scale when shrinking, "
+                   "bilinear when enlarging (torchvision `resized_crop(antialias=True)`; DALI's `fn.resize`, "
+                   "linear with antialias, its default)",
+    "affine-bilinear": "bilinear sampling of an affine grid, no antialiasing (`transforms.resized_crop_affine`)",
+}
 
 
 def build_loader(cfg: DataConfig, split: Split, ctx: LoaderContext) -> BatchLoader:

@@ -92,6 +92,8 @@ def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, batch_siz
 class DaliLoader(ShardLoader):
     """Shards decoded and augmented by DALI, in `epoch_indices` order."""
 
+    resampling = "antialiased"  # fn.resize's default: linear, antialiased when shrinking
+
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         super().__init__(cfg, split, ctx)
         self.pipe = _build(cfg, ctx, self.samples, self.batch_size)

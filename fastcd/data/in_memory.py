@@ -18,6 +18,7 @@ class InMemoryLoader(IndexedLoader):
     """Batches of `images` (N, C, H, W uint8; C = 1 is repeated to 3) and `labels` (N,)."""
 
     replays_crops = True
+    resampling = "affine-bilinear"
 
     def __init__(self, images: Tensor, labels: Tensor, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         super().__init__(cfg, split, ctx, len(images))

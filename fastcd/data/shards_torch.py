@@ -110,6 +110,7 @@ class ShardsTorchLoader(ShardLoader):
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         super().__init__(cfg, split, ctx)
         self.device_decode = cfg.decode == "device" or (cfg.decode == "auto" and ctx.device.type == "cuda")
+        self.resampling = "area" if self.device_decode else "antialiased"
         self.plan = CropPlan(self.train, 0, cfg.scale_min, cfg.val_resize_ratio, ctx.seed, 0)
         if self.device_decode:
             self.feed = HostFeed(self.samples, SLOTS, pin=ctx.device.type == "cuda")

@@ -30,7 +30,7 @@ import yaml
 from torch import Tensor
 
 from fastcd.config import Config
-from fastcd.data.base import REPLAYING, BatchLoader
+from fastcd.data.base import REPLAYING_NAMES, BatchLoader
 from fastcd.engine.run_folder import existing_run_files
 from fastcd.engine.runtime import Runtime, seed_everything
 from fastcd.errors import FastcdError
@@ -133,7 +133,7 @@ def check_mid_epoch(cfg: Config, loader: BatchLoader, position: dict[str, Any] |
         what = (f"resume {str(path)!r}, written mid-epoch" if position else
                 f"use train.checkpoint_every_steps={cfg.train.checkpoint_every_steps}")
         raise FastcdError(f"cannot {what}: data.backend {cfg.data.backend!r} cannot start an epoch mid-way with the "
-                          f"same crops; use data.backend {REPLAYING}, or "
+                          f"same crops; use data.backend {REPLAYING_NAMES}, or "
                           "train.checkpoint_every_steps=0")
 
 
