@@ -2,6 +2,7 @@
 from an fp32 cache trains exactly as from the live teacher; a cache that does not match the run is refused."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -394,7 +395,7 @@ def test_cycling_a_cache_under_a_resolution_ramp_is_refused(tmp_path: Path, teac
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) for the `torch` backend."""
+    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) in both formats."""
     from PIL import Image
 
     from fastcd.data_prep.prepare import prepare
@@ -407,7 +408,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for i in range(count):
                 pixels = rng.integers(0, 256, (int(rng.integers(40, 64)), int(rng.integers(40, 64)), 3), np.uint8)
                 Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
-    prepare(root / "src", root / "out", formats=["dali"], workers=1, progress=False)
+    prepare(root / "src", root / "out", formats=["ffcv", "dali"], workers=1, progress=False)
     return root / "out"
 
 
@@ -462,6 +463,24 @@ def test_dali_reads_a_cache_written_through_the_torch_workers(tmp_path: Path,
     assert dali.fingerprint() == workers.fingerprint()
     assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.backend=dali",
                                             f"train.out_dir={tmp_path / 'dali'}"]))) == 1
+
+
+def test_a_cache_written_through_ffcv_is_read_by_area_resampling_only(tmp_path: Path,
+                                                                      workers_cache: tuple[dict, Path]) -> None:
+    """ffcv executes fastcd's crops with the area resampling: the torch backend's device decode (also area) reads
+    its cache and trains from it; dali (antialiased) is refused, naming the resampling."""
+    pytest.importorskip("ffcv")
+    raw, _ = workers_cache
+    src = tmp_path / "ffcv.yaml"
+    src.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "backend": "ffcv", "workers": 1}}))
+    assert main(["cache-teacher", str(src), "--out", str(tmp_path / "cache")]) == 0
+    cache = tmp_path / "cache"
+    assert json.loads((cache / "manifest.json").read_text())["identity"]["data"]["resampling"] == "area"
+    assert len(train(config_from_dict(raw, [f"teacher.cache={cache}", "data.decode=device",
+                                            f"train.out_dir={tmp_path / 'device'}"]))) == 1
+    if importlib.util.find_spec("nvidia.dali"):
+        with pytest.raises(FastcdError, match="data.resampling: the cache has 'area', this run 'antialiased'"):
+            train(config_from_dict(raw, [f"teacher.cache={cache}", "data.backend=dali"]))
 
 
 def test_a_cache_of_the_previous_format_is_a_one_line_refusal(tmp_path: Path, teacher: str) -> None:

@@ -109,17 +109,17 @@ BACKENDS = {
 
 # Backend -> whether its loader replays `crops.CropPlan`: its loader class's `replays_crops` (a test holds them
 # to each other), known here without building a loader (`vs_original.choose`).
-REPLAYS_CROPS = {"imagefolder": False, "fashion-mnist": True, "synthetic": True, "torch": True, "ffcv": False,
+REPLAYS_CROPS = {"imagefolder": False, "fashion-mnist": True, "synthetic": True, "torch": True, "ffcv": True,
                  "dali": True}
 REPLAYING = tuple(backend for backend, replays in REPLAYS_CROPS.items() if replays)
 REPLAYING_NAMES = f"{', '.join(REPLAYING[:-1])} or {REPLAYING[-1]}"  # as a message names them
 
 # How a loader that replays crops resamples a box to res x res, by name (`BatchLoader.resampling`). A teacher
 # cache is shared by the loaders whose crop and resampling definitions agree; the JPEG decoder is not part of
-# it (decoders differ by a few grey levels, which tests/test_loaders_device.py bounds).
+# it (decoders differ by a few grey levels, which tests/test_crop_agreement.py bounds).
 RESAMPLING = {
     "area": "area-averaged when shrinking, bilinear when enlarging (`transforms.resized_crops`: roi_align on an "
-            "adaptive sampling grid)",
+            "adaptive sampling grid; ffcv: OpenCV's INTER_AREA and `ffcv_crops.resample_box`)",
     "antialiased": "torchvision's antialiased bilinear: a triangle filter as wide as the scale when shrinking, "
                    "bilinear when enlarging (torchvision `resized_crop(antialias=True)`; DALI's `fn.resize`, "
                    "linear with antialias, its default)",

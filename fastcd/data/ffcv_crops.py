@@ -11,7 +11,7 @@ rewrites in place before each epoch (`CropTable`: one int32 row x0, y0, w, h, fl
   bilinear (pixel centres, clamped to the box) on an axis that enlarges. FFCV's `INTER_AREA` would enlarge
   nearest-like.
 
-This is the "area" resampling definition (`fastcd.data.resampling`), the one the torch backend's device path
+This is the "area" resampling definition (`base.RESAMPLING`), the one the torch backend's device path
 executes with `roi_align`. The flip mirrors the resized crop. Everything runs in FFCV's numba threads: no
 Python per sample. `PlannedOrder` hands FFCV the epoch's sample order (`sharding.epoch_indices`), so the
 batches are those of every other replaying backend.

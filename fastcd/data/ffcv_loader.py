@@ -47,6 +47,7 @@ class FfcvLoader(IndexedLoader):
     """FFCV decode in numba threads, executing `CropPlan`'s boxes; uint8 batches normalised on the device."""
 
     replays_crops = True
+    resampling = "area"
 
     def __init__(self, cfg: DataConfig, split: Split, ctx: LoaderContext) -> None:
         self.prepared = open_prepared(cfg.path, split, ctx, "ffcv")
