@@ -1,7 +1,8 @@
 """Loader throughput: images/s of each fastcd backend vs the raw libraries and the ImageFolder baseline.
 
 All read the same images (train split, RandomResizedCrop + flip at --res, normalised float batches).
-`raw-ffcv` is ffcv's Loader with the same decoders, normalised by two torch ops; `raw-dali` is a DALI
+`raw-ffcv` is ffcv's Loader with its own RandomResizedCrop decoder and flip (fastcd's `ffcv` executes
+fastcd's crops instead, `fastcd.data.ffcv_crops`), normalised by two torch ops; `raw-dali` is a DALI
 pipeline with `fn.readers.webdataset` and the same operators; `imagefolder` reads the source tree the
 prepared data came from. Each runs in its own fresh process: one warm-up epoch (ffcv compiles with
 numba), then --epochs timed epochs; peak host memory is that process's (and its workers'), peak GPU

@@ -176,6 +176,18 @@ def test_two_ranks_see_disjoint_shares(data: dict, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_epoch_starts_at_a_batch(data: dict, backend: str) -> None:
+    """A resume mid-epoch: set_epoch(e, start_batch=k) yields batch k onwards of epoch e, pixel for pixel."""
+    loader = build_loader(config(data, backend, scale_min=0.3), "train", context(seed=4))
+    whole, _ = epoch(loader, 1)
+    loader.set_epoch(1, start_batch=1)
+    rest = [x for x, _ in loader]
+    assert len(loader) == len(rest) == len(whole) - 1
+    for x, u in zip(whole[1:], rest, strict=True):
+        assert torch.equal(x, u)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_resolution_schedule(data: dict, backend: str) -> None:
     """min_res -> max_res over epochs 0..2 in multiples of 32 (and back, as after a restart); val at its own res."""
     cfg = config(data, backend, min_res=32, max_res=96, start_ramp=0, end_ramp=2, val_res=48)
