@@ -140,7 +140,7 @@ def choose(rows: list[dict]) -> Choice:
     else:
         backend = max(eligible, key=speed.__getitem__)
         measured = [f"{speed[backend]:.0f} img/s, {by_name[f'loader {backend}']['vs_previous']:.2f}x ImageFolder "
-                    "with the knobs above", *others]
+                    "with the knobs above", *[f"{b} {speed[b]:.0f} img/s" for b in eligible if b != backend], *others]
         reasons = [f"- loader: {backend}, the fastest backend that replays fastcd's crops ({'; '.join(measured)})"]
     knobs: list[str] = []
     for name, overrides in KNOBS:
