@@ -9,9 +9,10 @@ docs/loaders.md). On a CPU-only machine the same graph runs with CPU operators (
 
 The samples are fed by index (the shards' index files give each JPEG's offset) in the order of
 `sharding.epoch_indices`, so every backend shares one exact, full per-epoch shuffle and DDP split; each
-sample's crop window and flip are fed too (train and val), computed per batch by `crops.CropPlan` from
-the sizes in the split's sample table, so DALI executes the crops every backend executes (a teacher
-cache replays).
+sample's crop window and flip are fed too (train and val), computed by `crops.CropPlan` from the sizes in
+the split's sample table for the whole epoch before DALI runs it (torch's threads, computing them per batch
+beside DALI's, cost 13% on two cores), so DALI executes the crops every backend executes (a teacher cache
+replays).
 DALI's own webdataset reader shuffles only within a buffer (~1000 samples), and the prepared shards
 are sorted by class, so its batches would hold one or two classes. The JPEG bytes are fed as views of
 the memory-mapped shards (`no_copy`), so the main thread does not copy them.
@@ -32,30 +33,53 @@ from fastcd.data.prepared import ShardLoader, ShardSamples
 
 # What crop_mirror_normalize writes for each run dtype (no bfloat16 in DALI: fp32, rounded once by torch).
 DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT}
+WINDOW_CHUNK = 65_536  # samples per CropPlan call when an epoch's windows are computed (bounds its memory)
 
 
 class _FedPipeline(Pipeline):
-    """A DALI pipeline whose `iter_setup` feeds the next batch by index: JPEG bytes (views of the
-    mapped shards), labels, the epoch's resolution and each sample's crop window and flip (`plan`),
-    the labels and windows computed for the whole batch from the split's sample table."""
+    """A DALI pipeline whose `iter_setup` feeds the next batch by index: JPEG bytes (views of the mapped
+    shards), labels, the epoch's resolution and each sample's crop window and flip, sliced from the
+    windows `start` computed for the whole epoch."""
 
     def __init__(self, samples: ShardSamples, **kwargs) -> None:
         super().__init__(**kwargs)
         self.samples = samples
         self.batches: Iterator[Tensor] = iter(())
-        self.plan: CropPlan | None = None
+        self.windows: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]] = iter(())
+        self.res = np.float32(0)
+
+    def start(self, batches: list[Tensor], plan: CropPlan) -> None:
+        """Feed `batches` next, cropped by `plan`. Their windows are computed here, while DALI is idle, not
+        per batch in `iter_setup`: CropPlan's torch ops run on torch's intra-op threads, which then spin on
+        the cores DALI's threads are decoding on (13% of the throughput on two cores, docs/loaders.md)."""
+        self.windows = iter(_windows(self.samples, batches, plan))
+        self.batches, self.res = iter(batches), np.float32(plan.res)
 
     def iter_setup(self) -> None:
         batch = next(self.batches)  # StopIteration ends DALI's epoch
+        anchor, shape, flip = next(self.windows)
         s, idx = self.samples, batch.numpy()
         self.feed_input("jpegs", [s.jpeg(i) for i in idx.tolist()])
         self.feed_input("labels", s.labels[idx])
-        boxes = self.plan.boxes(batch, torch.from_numpy(s.heights[idx]), torch.from_numpy(s.widths[idx]))
-        boxes = boxes.numpy().astype(np.float32)
-        self.feed_input("anchor", list(boxes[:, 0:2]))  # x0, y0 ("WH" order)
-        self.feed_input("shape", list(boxes[:, 2:4]))  # w, h
-        self.feed_input("flip", boxes[:, 4].astype(np.int32))
-        self.feed_input("res", np.full(len(idx), self.plan.res, dtype=np.float32))
+        self.feed_input("anchor", anchor)  # x0, y0 ("WH" order)
+        self.feed_input("shape", shape)  # w, h
+        self.feed_input("flip", flip)
+        self.feed_input("res", np.full(len(idx), self.res))
+
+
+def _windows(samples: ShardSamples, batches: list[Tensor], plan: CropPlan) -> list[tuple[np.ndarray, ...]]:
+    """Each batch's crop windows as DALI reads them: anchors (x0, y0) and shapes (w, h), (B, 2) float32, and
+    flips, (B,) int32; `plan`'s boxes, computed WINDOW_CHUNK samples per call."""
+    if not batches:
+        return []
+    order = torch.cat(batches)
+    idx = order.numpy()
+    boxes = torch.cat([plan.boxes(order[c:c + WINDOW_CHUNK], torch.from_numpy(samples.heights[idx[c:c + WINDOW_CHUNK]]),
+                                  torch.from_numpy(samples.widths[idx[c:c + WINDOW_CHUNK]]))
+                       for c in range(0, len(order), WINDOW_CHUNK)]).numpy()
+    cuts = np.cumsum([len(b) for b in batches])[:-1]
+    return list(zip(np.split(boxes[:, 0:2].astype(np.float32), cuts), np.split(boxes[:, 2:4].astype(np.float32), cuts),
+                    np.split(boxes[:, 4].astype(np.int32), cuts), strict=True))
 
 
 def _build(cfg: DataConfig, ctx: LoaderContext, samples: ShardSamples, batch_size: int) -> _FedPipeline:
@@ -100,10 +124,9 @@ class DaliLoader(ShardLoader):
         self.set_epoch(0)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = self.batch_indices()
-        c = self.cfg
-        self.pipe.batches = iter(batches)
-        self.pipe.plan = CropPlan(self.train, self.res, c.scale_min, c.val_resize_ratio, self.ctx.seed, self.epoch)
+        batches, c = self.batch_indices(), self.cfg
+        self.pipe.start(batches, CropPlan(self.train, self.res, c.scale_min, c.val_resize_ratio, self.ctx.seed,
+                                          self.epoch))
         stream = torch.cuda.current_stream(self.ctx.device) if self.ctx.device.type == "cuda" else None
         try:
             for _ in batches:
