@@ -144,7 +144,7 @@ class DaliLoader(ShardLoader):
 
     def _finish_epoch(self) -> None:
         """Consume what DALI still holds (the whole epoch was read, or the consumer stopped early)."""
-        self.pipe.batches = iter(())
+        self.pipe.batches, self.pipe.windows = iter(()), iter(())  # and the windows are freed
         while True:
             try:
                 self.pipe.run()
