@@ -238,9 +238,10 @@ def run_knobs(knobs: list[Knob], config: str, overrides: list[str], warmup: int,
         elif before_group is None:
             before_group = previous
         reference = before_group if knob.alternative else previous
-        result["vs_previous"] = round(result["images_per_s"] / reference, 3) if reference else 1.0
+        for key, rate in (("vs_previous", "images_per_s"), ("vs_previous_median_step", "images_per_s_median_step")):
+            result[key] = round(result[rate] / reference[rate], 3) if reference else 1.0
         if knob.kept:
-            previous = result["images_per_s"]
+            previous = result
         rows.append({"knob": knob.name, "status": "ok", "overrides": list(knob.overrides),
                      "cuda_graphs": knob.cuda_graphs, **result})
         print(f"{knob.name:20s} {result['images_per_s']:9.1f} img/s  step {result['step_ms']:.1f} ms  "

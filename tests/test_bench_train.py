@@ -96,7 +96,8 @@ def test_loader_rows_are_compared_with_the_row_before_them(tmp_path, monkeypatch
 
     def fake_measure(cfg, warmup, steps, cuda_graphs=False):
         seen.append(cfg.data.backend)
-        return {"images_per_s": next(speeds), "step_ms": 1.0, "step_ms_mean": 1.0,
+        speed = next(speeds)
+        return {"images_per_s": speed, "images_per_s_median_step": speed, "step_ms": 1.0, "step_ms_mean": 1.0,
                 "phases_ms": dict.fromkeys(PHASES, 0.1), "data_share": 0.1, "host_peak_mib": 1.0}
 
     monkeypatch.setattr(fastcd.knobs, "measure", fake_measure)
@@ -123,7 +124,8 @@ def test_an_interrupt_keeps_the_rows_done(tmp_path, monkeypatch):
         calls.append(cfg.train.amp)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return {"images_per_s": 10.0 * len(calls), "step_ms": 1.0, "step_ms_mean": 1.0,
+        return {"images_per_s": 10.0 * len(calls), "images_per_s_median_step": 10.0 * len(calls), "step_ms": 1.0,
+                "step_ms_mean": 1.0,
                 "phases_ms": dict.fromkeys(PHASES, 0.1), "data_share": 0.1, "host_peak_mib": 1.0}
 
     monkeypatch.setattr(fastcd.knobs, "measure", fake_measure)

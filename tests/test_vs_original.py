@@ -62,21 +62,24 @@ def test_original_and_fastcd_overrides_say_what_each_pipeline_runs(tmp_path) -> 
     assert "train.channels_last=false" in fast_overrides(tmp_path / "prep", 2, "torch", ["train.amp=bf16"])
 
 
-def _ok(knob: str, img_s: float, vs: float) -> dict:
-    return {"knob": knob, "status": "ok", "images_per_s": img_s, "vs_previous": vs}
+def _ok(knob: str, img_s: float, vs: float, *, stalled: float = 1.0) -> dict:
+    """A breakdown row; `stalled` < 1 scales its wall-clock figures as a stall would, not its median step."""
+    return {"knob": knob, "status": "ok", "images_per_s": img_s * stalled, "vs_previous": vs * stalled,
+            "images_per_s_median_step": img_s, "vs_previous_median_step": vs}
 
 
 def test_choose_keeps_the_knobs_that_helped_and_the_fastest_prepared_loader() -> None:
     rows = [_ok("original", 100, 1.0), _ok("teacher BN eval", 90, 0.90), _ok("teacher BN folded", 99, 1.1),
-            _ok("channels_last", 90, 0.91), _ok("autocast bf16", 135, 1.5), _ok("fused optimizer", 133, 0.98),
-            _ok("loader torch", 140, 0.93), {"knob": "loader ffcv", "status": "failed", "reason": "x"},
-            _ok("loader dali", 170, 1.13)]
+            _ok("channels_last", 90, 0.91), _ok("autocast bf16", 135, 1.5),
+            _ok("fused optimizer", 133, 0.98, stalled=0.42), _ok("loader torch", 140, 0.93, stalled=0.5),
+            {"knob": "loader ffcv", "status": "failed", "reason": "x"}, _ok("loader dali", 170, 1.13)]
     c = choose(rows)
     assert c.backend == "dali"
     assert c.knobs == ["teacher.bn_mode=eval", "teacher.fold_bn=true", "train.amp=bf16", "optim.fused=true"]
-    assert any("channels_last: 0.91x the row before; left out" in r for r in c.reasons)
-    assert any("teacher BN eval: 0.90x the row before; kept" in r for r in c.reasons)
-    assert any("fused optimizer: 0.98x the row before; kept" in r for r in c.reasons)  # within the noise
+    assert any("channels_last: 0.91x the row before (median step); left out" in r for r in c.reasons)
+    assert any("teacher BN eval: 0.90x the row before (median step); kept" in r for r in c.reasons)
+    # within the noise at the median step, though a stall made its wall-clock rate 0.41x
+    assert any("fused optimizer: 0.98x the row before (median step); kept" in r for r in c.reasons)
     none_ran = choose([_ok("original", 100, 1.0)])
     assert none_ran.backend == FAST_DEFAULT[0] and len(none_ran.reasons) == 1 + len(KNOBS)
 
@@ -92,15 +95,17 @@ def test_choose_takes_the_fastest_backend_that_replays_fastcd_s_crops(monkeypatc
     monkeypatch.setattr(vs, "REPLAYS_CROPS", {**REPLAYS_CROPS, "ffcv": False})
     c = choose([_ok("original", 100, 1.0), *loaders])
     assert c.backend == "dali"
-    assert c.reasons[0] == ("- loader: dali, the fastest backend that replays fastcd's crops (875 img/s, 1.29x "
-                            "ImageFolder with the knobs above; torch 600 img/s; ffcv 881 img/s does not replay them)")
+    assert c.reasons[0] == ("- loader: dali, the fastest backend that replays fastcd's crops (875 img/s at the median "
+                            "step, 1.29x ImageFolder with the knobs above; torch 600 img/s; ffcv 881 img/s does not "
+                            "replay them)")
     alone = choose([_ok("original", 100, 1.0), loaders[1]])
     assert alone.backend == FAST_DEFAULT[0]
     assert "no backend that replays fastcd's crops ran in the breakdown (ffcv 881 img/s" in alone.reasons[0]
     monkeypatch.setattr(vs, "REPLAYS_CROPS", {**REPLAYS_CROPS, "ffcv": True})
     every = choose(loaders)
-    assert every.backend == "ffcv" and "(881 img/s, 1.30x ImageFolder with the knobs above; torch 600 img/s; dali " \
-        "875 img/s)" in every.reasons[0]
+    assert every.backend == "ffcv"
+    assert ("(881 img/s at the median step, 1.30x ImageFolder with the knobs above; torch 600 img/s; dali 875 img/s)"
+            in every.reasons[0])
 
 
 def test_vs_original_trains_both_pipelines_per_seed_and_reports_the_ratio(tmp_path, capsys) -> None:
