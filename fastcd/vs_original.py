@@ -51,8 +51,8 @@ KNOBS = [("teacher BN eval", ("teacher.bn_mode=eval",)), ("teacher BN folded", (
 # fastcd's path without a breakdown: every knob and the dali backend, the fastest on the 2-core CPU in
 # one-thread CPU-time trials (docs/benchmarks.md).
 FAST_DEFAULT = ("dali", [o for _, knob in KNOBS for o in knob])
-# The breakdown's figures the choice reads: images/s and the ratio to the row before, of the median step
-MEDIAN = ("images_per_s_median_step", "vs_previous_median_step")
+# The breakdown's figures the choice reads, of the median step: images/s and the ratio to the row before
+SPEED, GAIN = "images_per_s_median_step", "vs_previous_median_step"
 NOISE = 0.03  # a knob is left out only when the breakdown found it slower by more than this (20-step timings)
 
 
@@ -129,10 +129,10 @@ def choose(rows: list[dict]) -> Choice:
     crops (`data.base.REPLAYS_CROPS`: one that draws its own crops trains on other crops, which the accuracy
     goal does not allow for), and each knob unless it made the step slower than the row before it by more than
     NOISE (the teacher's eval-mode BatchNorm is fastcd's design and always kept). Both decisions read the median
-    step (`MEDIAN`): on a shared machine one stalled step of twenty would otherwise decide them."""
+    step (`SPEED`, `GAIN`): on a shared machine one stalled step of twenty would otherwise decide them."""
     by_name = {r["knob"]: r for r in rows}
     ran = [b for b in LOADERS if by_name.get(f"loader {b}", {}).get("status") == "ok"]
-    speed = {b: by_name[f"loader {b}"][MEDIAN[0]] for b in ran}
+    speed = {b: by_name[f"loader {b}"][SPEED] for b in ran}
     eligible = [b for b in ran if REPLAYS_CROPS[b]]
     others = [f"{b} {speed[b]:.0f} img/s does not replay them" for b in ran if not REPLAYS_CROPS[b]]
     if not eligible:
@@ -142,14 +142,14 @@ def choose(rows: list[dict]) -> Choice:
                    f"breakdown{aside}"]
     else:
         backend = max(eligible, key=speed.__getitem__)
-        gain = by_name[f"loader {backend}"][MEDIAN[1]]
+        gain = by_name[f"loader {backend}"][GAIN]
         measured = [f"{speed[backend]:.0f} img/s at the median step, {gain:.2f}x ImageFolder with the knobs above",
                     *[f"{b} {speed[b]:.0f} img/s" for b in eligible if b != backend], *others]
         reasons = [f"- loader: {backend}, the fastest backend that replays fastcd's crops ({'; '.join(measured)})"]
     knobs: list[str] = []
     for name, overrides in KNOBS:
         row = by_name.get(name, {})
-        gain = row.get(MEDIAN[1]) if row.get("status") == "ok" else None
+        gain = row.get(GAIN) if row.get("status") == "ok" else None
         keep = name == "teacher BN eval" or (gain is not None and gain >= 1 - NOISE)
         if keep:
             knobs += overrides

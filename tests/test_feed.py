@@ -93,13 +93,19 @@ def test_a_damaged_table_is_found(prepared: Path, tmp_path: Path) -> None:
         samples_of(copy)
 
 
-def test_an_older_folder_is_refused_by_name_then_upgraded_once(prepared: Path, tmp_path: Path) -> None:
+def folder_without_table(prepared: Path, tmp_path: Path) -> Path:
+    """A copy of `prepared` as an earlier fastcd wrote it: no train sample table, none in the manifest."""
     old = tmp_path / "old"
     shutil.copytree(prepared, old)
     manifest = json.loads(manifest_path(old).read_text())
     del manifest["splits"]["train"]["samples"]
     manifest_path(old).write_text(json.dumps(manifest))
     (old / "train" / "samples.npy").unlink()
+    return old
+
+
+def test_an_older_folder_is_refused_by_name_then_upgraded_once(prepared: Path, tmp_path: Path) -> None:
+    old = folder_without_table(prepared, tmp_path)
     with pytest.raises(FastcdError, match=f"fastcd prepare --upgrade {old}"):
         samples_of(old)
     assert upgrade(old, progress=False) == ["train"]
@@ -114,12 +120,7 @@ def test_an_upgrade_on_a_full_disk_is_a_one_line_error_and_changes_nothing(prepa
 
     import fastcd.data_prep.sample_table as sample_table
 
-    old = tmp_path / "old"
-    shutil.copytree(prepared, old)
-    manifest = json.loads(manifest_path(old).read_text())
-    del manifest["splits"]["train"]["samples"]
-    manifest_path(old).write_text(json.dumps(manifest))
-    (old / "train" / "samples.npy").unlink()
+    old = folder_without_table(prepared, tmp_path)
     before = manifest_path(old).read_bytes()
 
     def full(*args, **kwargs):

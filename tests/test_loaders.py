@@ -175,6 +175,20 @@ def test_two_ranks_see_disjoint_shares(data: dict, backend: str) -> None:
     torch.testing.assert_close(val.sort().values, single.sort().values)
 
 
+def test_ffcv_shares_the_shards_fingerprint_only_when_the_beton_holds_their_jpegs(data: dict, tmp_path: Path) -> None:
+    """A `.beton` written with another ffcv write mode holds decoded or re-encoded pixels: its digest names the mode,
+    so a teacher cache written through the shards is not read through it (and the other way round)."""
+    fingerprints = {b: build_loader(config(data, b), "train", context()).fingerprint() for b in ("torch", "ffcv")}
+    assert fingerprints["torch"] == fingerprints["ffcv"]
+    out = damaged_copy(data, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["options"]["ffcv_write_mode"] = "raw"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    torch_fp, ffcv_fp = (build_loader(config(data, b, path=str(out)), "train", context()).fingerprint()
+                         for b in ("torch", "ffcv"))
+    assert ffcv_fp == f"{torch_fp} (.beton written with ffcv_write_mode raw)"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_epoch_starts_at_a_batch(data: dict, backend: str) -> None:
     """A resume mid-epoch: set_epoch(e, start_batch=k) yields batch k onwards of epoch e, pixel for pixel."""

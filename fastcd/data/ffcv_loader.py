@@ -29,6 +29,7 @@ from fastcd.data.crops import CropPlan
 from fastcd.data.ffcv_crops import CropTable, PlannedCropDecoder, PlannedOrder
 from fastcd.data.prepared import open_prepared
 from fastcd.data.transforms import normalize
+from fastcd.data_prep.manifest import load_manifest
 from fastcd.errors import FastcdError
 
 CHUNK = 1 << 16  # samples per vectorised CropPlan call when the crop table is written
@@ -84,8 +85,12 @@ class FfcvLoader(IndexedLoader):
         self.set_epoch(0)
 
     def fingerprint(self) -> str:
-        """The prepared split's digest (`PreparedSplit.fingerprint`)."""
-        return self.prepared.fingerprint()
+        """The prepared split's digest (`PreparedSplit.fingerprint`), the shards' readers' too when the `.beton`
+        holds the shards' JPEG bytes (`ffcv_write_mode: jpg`); any other write mode decoded or re-encoded them,
+        so the digest then names the mode and no cache is shared with the shards' readers."""
+        mode = load_manifest(self.prepared.root)["options"].get("ffcv_write_mode", "jpg")
+        digest = self.prepared.fingerprint()
+        return digest if mode == "jpg" else f"{digest} (.beton written with ffcv_write_mode {mode})"
 
     def _write_crops(self, order: Tensor) -> None:
         """The crop table's rows for the samples of this epoch's `order`, one vectorised call per CHUNK."""
