@@ -69,11 +69,16 @@ class _Worker:
         self.since = time.monotonic()  # when the first chunk in `tasks` started
         self.ready = False  # said it has started
 
-    def send(self, chunk: list[tuple[int, Any]]) -> None:
+    def send(self, chunk: list[tuple[int, Any]]) -> bool:
+        """Send `chunk`; False, and nothing recorded, when the worker has died and closed its pipe."""
+        try:
+            self.conn.send(chunk)
+        except OSError:  # BrokenPipeError: it died since it was last collected
+            return False
         if not self.tasks:
             self.since = time.monotonic()
         self.tasks.append(chunk)
-        self.conn.send(chunk)
+        return True
 
     def answers(self) -> Iterator[tuple[int, Any]]:
         """The answers that have arrived (none once the worker is dead and drained)."""
@@ -162,15 +167,23 @@ class WorkerPool:
         exhausted = False
         try:
             while True:
+                dead = False
                 for w in self._pool:
                     while len(w.tasks) < DEPTH and (retry or not exhausted and taken < yielded + window):
                         if retry:
-                            w.send(retry.popleft())
+                            chunk = retry.popleft()
                         elif chunk := list(islice(source, self.chunksize)):
                             taken += len(chunk)
-                            w.send(chunk)
                         else:
                             exhausted = True
+                            break
+                        if not w.send(chunk):
+                            retry.appendleft(chunk)
+                            dead = True
+                            break
+                if dead:  # replace the dead worker (and take what the others answered) before sending again
+                    self._collect(done, retry)
+                    continue
                 while yielded in done:
                     yield done.pop(yielded)
                     yielded += 1

@@ -377,6 +377,17 @@ def test_worker_pool_survives_a_dying_or_stuck_worker():
         assert list(pool.map([1, 2])) == [2, 4]  # nothing left over from the abandoned map
 
 
+def test_worker_pool_sends_nothing_to_a_worker_that_died_between_maps():
+    """A worker killed while idle: the next map's send finds its pipe closed, replaces it and loses no item (it
+    used to end in BrokenPipeError)."""
+    with WorkerPool(doubled_unless_poisoned, workers=2, item_seconds=5, chunksize=2) as pool:
+        assert list(pool.map([1, 2])) == [2, 4]
+        for w in pool._pool:
+            w.proc.kill()
+            w.proc.join()
+        assert list(pool.map([0, 1, 2, 4, 6, 8])) == [0, 2, 4, 8, 12, 16]
+
+
 def test_odd_trees_are_reported(tmp_path, capsys):
     rng = np.random.default_rng()
     src, good = tmp_path / "src", jpeg_bytes(random_image(rng, 40, 30))
