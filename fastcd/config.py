@@ -25,6 +25,7 @@ from fastcd.utils.ranges import Range, check_range
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet152"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SEED_MAX = 2**31 - 1  # keeps every derived seed (sharding: seed * 1_000_003 + epoch) inside int64
 
 
 def _ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -167,7 +168,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     device: str = "auto"
-    seed: int = 0
+    seed: int = _ranged(0, 0, SEED_MAX)  # seeds numpy, torch and the crops (sharding: seed * 1_000_003 + epoch)
     out_dir: str = ""
     log_every: int = _at_least(1, 50)
     max_steps_per_epoch: int = _at_least(0, 0)

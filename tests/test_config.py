@@ -133,6 +133,8 @@ def test_set_takes_several_pairs_in_every_command():
     ("optim.milestones=[-3]", "optim.milestones[0] must be >= 0"),
     ("optim.lr=.nan", "optim.lr: expected a finite number"),
     ("optim.lr=.inf", "optim.lr: expected a finite number"),
+    ("train.seed=9223372036854775808", "train.seed must be in [0, 2147483647]"),
+    ("train.seed=-1", "train.seed must be in [0, 2147483647]"),
     ("data.batch_size=0", "data.batch_size must be >= 1"),
     ("data.val_batch_size=-1", "data.val_batch_size must be >= 0"),
     ("data.workers=-2", "data.workers must be >= 0"),

@@ -23,8 +23,14 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {_shown(self.low)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_shown(self.low)}, {_shown(self.high)}{right}"
+
+
+def _shown(bound: float) -> str:
+    """An integer bound in full (a seed's 2147483647, not 2.14748e+09), a float as `:g` writes it."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 POSITIVE = Range(0, low_open=True)
