@@ -498,3 +498,11 @@ def test_a_cache_of_the_previous_format_is_a_one_line_refusal(tmp_path: Path, te
     with pytest.raises(FastcdError, match="format 'fastcd-teacher-cache-v2'.*`fastcd cache-teacher") as refused:
         train(config_from_dict(yaml.safe_load(src.read_text()), [f"teacher.cache={cache}"]))
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("backend,beside_data", [("torch", True), ("ffcv", True), ("dali", True),
+                                                 ("fashion-mnist", False), ("synthetic", False)])
+def test_default_cache_lies_beside_prepared_data_for_every_prepared_backend(backend, beside_data):
+    cfg = config_from_dict({"name": "x", "data": {"backend": backend, "path": "/data/prepared"}})
+    root = Path("/data/prepared") if beside_data else Path("runs")
+    assert cache_write.default_out(cfg) == root / "teacher-cache" / "x"

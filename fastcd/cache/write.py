@@ -40,7 +40,7 @@ class CacheMismatch(FastcdError):
     """The cache folder holds a cache of another config or options (`write_cache` without `force`)."""
 
 
-PREPARED = ("torch", "dali")  # backends that read a `fastcd prepare` folder (the cache goes beside its data)
+PREPARED = ("torch", "ffcv", "dali")  # backends that read a `fastcd prepare` folder (the cache goes beside its data)
 
 
 def default_out(cfg: Config) -> Path:
