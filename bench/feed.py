@@ -44,6 +44,7 @@ from fastcd.data.prepared import PreparedSplit, ShardSamples, open_prepared
 from fastcd.data_prep.manifest import load_manifest
 from fastcd.data_prep.shards import read_index
 from fastcd.errors import FastcdError
+from fastcd.utils.lifeline import end_with_parent
 from fastcd.utils.results import add_out_argument, peak_memory, record
 
 ROWS = ("feed", "per-sample", "loader")
@@ -130,12 +131,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _prepared_elsewhere(out: Path, images: int) -> None:
     """`generated_dataset` in a spawned child (a fork of a process running torch threads can hang), so this
     process's peak memory is the benchmark's own."""
-    proc = multiprocessing.get_context("spawn").Process(target=generated_dataset,
-                                                       args=(out, images, max(1, os.cpu_count() or 1)))
+    proc = multiprocessing.get_context("spawn").Process(target=_generate, args=(out, images))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
         raise FastcdError(f"preparing {images} generated JPEGs into {out} failed (exit code {proc.exitcode})")
+
+
+def _generate(out: Path, images: int) -> None:
+    """`generated_dataset` in the spawned child, which ends with its parent."""
+    end_with_parent()
+    generated_dataset(out, images, max(1, os.cpu_count() or 1))
 
 
 def _rss_split() -> dict[str, float]:

@@ -29,6 +29,7 @@ from fastcd.config import DataConfig
 from fastcd.data import LoaderContext, build_loader
 from fastcd.data_prep.manifest import load_manifest
 from fastcd.errors import FastcdError
+from fastcd.utils.lifeline import end_with_parent, install
 from fastcd.utils.results import add_out_argument, peak_memory, record
 
 BACKENDS = ["imagefolder", "torch", "ffcv", "raw-ffcv", "dali", "raw-dali"]
@@ -112,7 +113,10 @@ def _raw_dali_epochs(out: Path, args: argparse.Namespace):
 
 
 def _measure(queue, backend: str, out: str, src: str, args: argparse.Namespace, classes: int) -> None:
-    """In a fresh process: `_timed` of `backend`, or a row naming the error it raised."""
+    """In a fresh process that ends with its parent, as its forked loader workers do: `_timed` of `backend`, or
+    a row naming the error it raised."""
+    end_with_parent()
+    install()
     multiprocessing.set_start_method("fork", force=True)  # a spawned process would spawn its loader workers
     try:
         queue.put(_timed(backend, out, src, args, classes))

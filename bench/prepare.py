@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fastcd.data_prep.manifest import load_manifest, manifest_path
 from fastcd.data_prep.prepare import JPEG_QUALITY, MAX_SIDE
+from fastcd.utils.lifeline import end_with_parent, install
 from fastcd.utils.results import add_out_argument, record
 
 DEFAULT_IMAGES = 3000
@@ -71,7 +72,7 @@ def generate(root: Path, images: int, workers: int, seed: int = 0) -> Path:
     if done.is_file():
         return root
     shutil.rmtree(root, ignore_errors=True)
-    with get_context("spawn").Pool(workers) as pool:
+    with get_context("spawn").Pool(workers, initializer=end_with_parent) as pool:
         pool.map(partial(_generate_one, root, seed), range(images), chunksize=32)
     done.touch()
     return root
@@ -144,6 +145,8 @@ def _cpu_seconds() -> float:
 
 
 def _timed(queue, way: str, src: Path, out: Path, workers: int, max_side: int, quality: int) -> None:
+    end_with_parent()
+    install()  # the ffcv writer's forked workers end with this process
     import ffcv.writer  # noqa: F401  (imports, ~4 s, are not part of the timing)
 
     import fastcd.data_prep.prepare  # noqa: F401

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastcd.utils.lifeline import end_with_parent
+
 TRAIN_IMAGES = 1_281_167
 VAL_IMAGES = 50_000
 CLASSES = 1000
@@ -119,8 +121,8 @@ def generate(root: Path, fraction: float, workers: int, seed: int = 0, progress:
     tasks = [(str(root), seed * 100_003 + i, items[i * CHUNK:(i + 1) * CHUNK]) for i in range(-(-len(items) // CHUNK))]
     from tqdm import tqdm
 
-    with get_context("fork").Pool(workers) as pool, tqdm(total=len(items), unit="img", desc="generate",
-                                                         disable=not progress) as bar:
+    with (get_context("fork").Pool(workers, initializer=end_with_parent) as pool,
+          tqdm(total=len(items), unit="img", desc="generate", disable=not progress) as bar):
         for n in pool.imap_unordered(_write_chunk, tasks):
             bar.update(n)
     stamp.touch()

@@ -21,6 +21,8 @@ from itertools import islice
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from fastcd.utils.lifeline import end_with_parent
+
 DEPTH = 2  # chunks sent to a worker at once: one running, one waiting (no idle round trip)
 WINDOW_PER_WORKER = 4  # chunks taken from the input per worker ahead of the next result yielded
 STOP_SECONDS = 5
@@ -44,6 +46,7 @@ def _answer(fn: Callable[[Any], Any], item: Any) -> Any:
 def _serve(fn: Callable[[Any], Any], conn: Connection) -> None:
     """Worker loop: say it is ready, then answer each chunk of (index, item) with (index, fn(item))
     pairs (Lost when fn raises) until told to stop or the parent is gone."""
+    end_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         conn.send(None)  # up and running: the time limit of the first task starts now

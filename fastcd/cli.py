@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 from fastcd.errors import FastcdError, Terminated
+from fastcd.utils import lifeline
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("fastcd.commands.train", "train a student (optionally distilled) from a YAML config"),
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in table:
         _error_line(f"{prog}: error: unknown command {name!r}; choose from {', '.join(table)}")
         return 2
+    lifeline.install()  # what the command forks ends with it (docs/distributed.md, "What a restart leaves")
     try:
         with _sigterm_raises():
             return _run_module(table[name][0], f"{prog} {name}", rest)

@@ -40,6 +40,7 @@ from fastcd.paths import configs_dir
 from fastcd.report import Row, mean_sd, paired
 from fastcd.reproduction import command_line, epochs_for, machine_line
 from fastcd.utils.atomic import atomic_write_bytes
+from fastcd.utils.lifeline import end_with_parent
 
 CONFIGS = configs_dir() / "fashion-mnist"
 DISTILLED = "s_resnet18.t_resnet34.cd.kdv2.lrdv2"
@@ -115,7 +116,8 @@ def breakdown(common: list[str], tree: Path, prepared: Path, workers: int, steps
 
 
 def _breakdown(send: Connection, common: list[str], tree: Path, prepared: Path, workers: int, steps: int) -> None:
-    """The breakdown's rows, sent through `send` (runs in the spawned process)."""
+    """The breakdown's rows, sent through `send` (runs in the spawned process, which ends with its parent)."""
+    end_with_parent()
     knobs = [Knob("original", original_overrides(tree, workers)), *[Knob(n, list(o)) for n, o in KNOBS],
              *[Knob(f"loader {b}", [f"data.backend={b}", f"data.path={prepared}"], alternative=True)
                for b in LOADERS]]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +52,33 @@ def tiny_config(tmp_path):
         return config_from_dict(tiny_dict(str(tmp_path / "run")), list(overrides))
 
     return make
+
+
+def prepared_dict(out_dir: str, prepared: Path, workers: int) -> dict:
+    """`tiny_dict` over the `prepared` folder through the torch backend's CPU workers (3 classes, fp32, 1 epoch)."""
+    raw = tiny_dict(out_dir)
+    for model in ("student", "teacher"):
+        raw[model]["num_classes"] = 3
+    raw["data"] = {"backend": "torch", "path": str(prepared), "res": 16, "val_res": 16, "batch_size": 4,
+                   "workers": workers, "scale_min": 0.5, "decode": "workers"}
+    raw["train"].update(amp="fp32", device="cpu", epochs=1)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) in both formats."""
+    from PIL import Image
+
+    from fastcd.data_prep.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for c in ("ant", "bee", "cat"):
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (int(rng.integers(40, 64)), int(rng.integers(40, 64)), 3), np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
+    prepare(root / "src", root / "out", formats=["ffcv", "dali"], workers=1, progress=False)
+    return root / "out"

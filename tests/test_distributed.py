@@ -22,10 +22,11 @@ import os, sys
 import torch.distributed as dist
 from fastcd.cli import main
 {patch}
-code = main(sys.argv[1:])
-print(f"rank {{os.environ['RANK']}} exit {{code}} group {{'alive' if dist.is_initialized() else 'destroyed'}}",
-      flush=True)
-sys.exit(code)
+if __name__ == "__main__":  # not in a loader worker, which imports this script as its parent's main module
+    code = main(sys.argv[1:])
+    print(f"rank {{os.environ['RANK']}} exit {{code}} group {{'alive' if dist.is_initialized() else 'destroyed'}}",
+          flush=True)
+    sys.exit(code)
 """
 NAN_ON_RANK_1 = """
 if os.environ["RANK"] == "1":

@@ -2,7 +2,8 @@
 `--max-restarts 1`; one worker is SIGKILLed mid-epoch, torchrun restarts both, `train.resume: auto` continues
 from the mid-epoch checkpoint, and the job ends on its own with the weights of an uninterrupted run. Then a
 restart on one rank: refused by name, and continued with the global batch kept. Every process is bounded in
-time and killed with its session if it overruns."""
+time and killed with its session if it overruns. The killed job reads prepared shards through the torch
+backend's workers, and its restart leaves no process of the killed attempt behind (issue 34)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from fastcd.config import config_from_dict
 from fastcd.engine.trainer import train
@@ -23,11 +27,28 @@ from fastcd.errors import FastcdError
 from fastcd.utils.checkpoint import load_checkpoint
 from tests.conftest import tiny_dict
 from tests.test_distributed import LAUNCHER
+from tests.test_lifeline import GONE_S, marked, wait_for
 
 # Every rank: CE times a factor from the global RNG (a resume is exact only if each rank's RNG continues
-# exactly). Rank 1, once per job (the marker file): SIGKILL itself before its KILL-th optimizer step.
+# exactly). Rank 1, once per job (the marker file): SIGKILL itself before its KILL-th optimizer step, after
+# writing the processes it started (its descendants, by parent chain) into the marker file.
 PATCH = """
 import pathlib, signal, torch
+
+def _descendants(root):
+    children = dict()
+    for p in pathlib.Path("/proc").iterdir():
+        try:
+            children.setdefault(int((p / "stat").read_text().rpartition(")")[2].split()[1]), []).append(int(p.name))
+        except (OSError, ValueError):
+            pass
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
 from fastcd.engine.step import DistillStep
 from fastcd.losses.ce import CELoss
 _forward = CELoss.forward
@@ -38,7 +59,7 @@ if os.environ["RANK"] == "1" and {kill} and not _marker.exists():
     def _counted(self, *args, **kwargs):
         _calls[0] += 1
         if _calls[0] == {kill}:
-            _marker.touch()
+            _marker.write_text(" ".join(map(str, _descendants(os.getpid()))))
             os.kill(os.getpid(), signal.SIGKILL)
         return _call(self, *args, **kwargs)
     DistillStep.__call__ = _counted
@@ -56,19 +77,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_file(tmp_path: Path, name: str) -> Path:
+def config_file(tmp_path: Path, name: str, data: list[str]) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config_from_dict(tiny_dict(str(tmp_path / name)), SETTINGS).to_dict()))
+    raw = config_from_dict(tiny_dict(str(tmp_path / name)), [*SETTINGS, *data]).to_dict()
+    path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def agents(tmp_path: Path, name: str, kill: int, restarts: int) -> list[subprocess.Popen]:
-    """Two torchrun agents, one worker each, meeting on loopback, training config `name`."""
+def shards(root: Path) -> list[str]:
+    """Prepared shards of 4 classes (64 training and 16 validation JPEGs each) under `root`, and the overrides
+    that read them through the torch backend's worker processes."""
+    from fastcd.data_prep.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 64), ("val", 16)):
+        for c in ("ant", "bee", "cat", "dog"):
+            (root / "src" / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (int(rng.integers(20, 32)), int(rng.integers(20, 32)), 3), np.uint8)
+                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
+    prepare(root / "src", root / "out", formats=["dali"], workers=1, progress=False)
+    return ["data.backend=torch", f"data.path={root / 'out'}", "data.workers=1", "data.decode=workers"]
+
+
+def agents(tmp_path: Path, name: str, kill: int, restarts: int,
+           data: Sequence[str] = ()) -> list[subprocess.Popen]:
+    """Two torchrun agents, one worker each, meeting on loopback, training config `name` (with the `data`
+    overrides); every process of the job has FASTCD_TEST_MARKER=<its folder> in its environment."""
     script = tmp_path / f"{name}.py"
     script.write_text(LAUNCHER.format(patch=PATCH.format(kill=kill, marker=tmp_path / f"{name}.killed")))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # a fresh store per round (docs/distributed.md)
-    port, cfg = free_port(), config_file(tmp_path, name)
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",  # a fresh store per round (docs/distributed.md)
+           "FASTCD_TEST_MARKER": str(tmp_path / name)}
+    port, cfg = free_port(), config_file(tmp_path, name, list(data))
     procs = []
     for node in range(2):
         log = tmp_path / f"{name}.agent{node}"
@@ -103,6 +144,23 @@ def killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     codes = finish(agents(tmp_path, "killed", KILL, restarts=1), tmp_path, "killed")
     assert codes == [0, 0], logs(tmp_path, "killed")[-4000:]
     return tmp_path
+
+
+def test_a_restart_leaves_no_process_of_the_killed_attempt(tmp_path: Path) -> None:
+    """The job over prepared shards through the torch backend's workers: the killed rank's loader workers, their
+    fork server and its resource tracker (counted before the kill) are gone once the restarted job ends."""
+    marker = str(tmp_path / "killed")
+    try:
+        codes = finish(agents(tmp_path, "killed", KILL, restarts=1, data=shards(tmp_path / "data")), tmp_path,
+                       "killed")
+        assert codes == [0, 0], logs(tmp_path, "killed")[-4000:]
+        helpers = (tmp_path / "killed.killed").read_text().split()
+        assert len(helpers) >= 3, helpers
+        wait_for(lambda: not marked(marker), GONE_S,
+                 f"processes {marked(marker)} of the job (the killed rank's helpers were {helpers}) did not end")
+    finally:
+        for pid in marked(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_worker_killed_mid_epoch_is_restarted_and_the_run_ends_as_if_uninterrupted(killed):

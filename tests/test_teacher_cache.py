@@ -22,7 +22,7 @@ from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
 from fastcd.models import teacher_targets
 from fastcd.models.teacher import build_teacher
-from tests.conftest import tiny_dict
+from tests.conftest import prepared_dict, tiny_dict
 
 CE_CD = [{"loss_name": "CELoss"}, {"loss_name": "CDLoss", "loss_rate": 6}]
 
@@ -394,35 +394,11 @@ def test_cycling_a_cache_under_a_resolution_ramp_is_refused(tmp_path: Path, teac
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny prepared dataset (3 classes, 4 training and 2 validation JPEGs each) in both formats."""
-    from PIL import Image
-
-    from fastcd.data_prep.prepare import prepare
-
-    root = tmp_path_factory.mktemp("prepared")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("val", 2)):
-        for c in ("ant", "bee", "cat"):
-            (root / "src" / split / c).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 256, (int(rng.integers(40, 64)), int(rng.integers(40, 64)), 3), np.uint8)
-                Image.fromarray(pixels).save(root / "src" / split / c / f"{i}.jpg", quality=90)
-    prepare(root / "src", root / "out", formats=["ffcv", "dali"], workers=1, progress=False)
-    return root / "out"
-
-
-@pytest.fixture(scope="module")
 def workers_cache(tmp_path_factory: pytest.TempPathFactory, prepared: Path) -> tuple[dict, Path]:
     """A tiny config over `prepared` through the torch backend's workers, and the cache written through it."""
     root = tmp_path_factory.mktemp("workers-cache")
-    raw = tiny_dict(str(root / "run"))
-    for model in ("student", "teacher"):
-        raw[model]["num_classes"] = 3
-    raw["data"] = {"backend": "torch", "path": str(prepared), "res": 16, "val_res": 16, "batch_size": 4,
-                   "workers": 0, "scale_min": 0.5, "decode": "workers"}
+    raw = prepared_dict(str(root / "run"), prepared, workers=0)
     raw["loss_list"] = CE_CD
-    raw["train"].update(amp="fp32", device="cpu", epochs=1)
     src = root / "src.yaml"
     src.write_text(yaml.safe_dump(raw))
     assert main(["cache-teacher", str(src), "--out", str(root / "cache")]) == 0

@@ -25,6 +25,7 @@ from fastcd.config import DataConfig
 from fastcd.data.base import BatchLoader, IndexedLoader, LoaderContext, Split
 from fastcd.data.transforms import normalize
 from fastcd.errors import FastcdError
+from fastcd.utils.lifeline import end_with_parent
 
 
 class _EpochSampler(Sampler[int]):
@@ -132,6 +133,8 @@ class ImageFolderLoader(IndexedLoader):
 
 
 def _seed_worker(worker_id: int) -> None:
+    """A worker's own random stream; it ends with the training process."""
+    end_with_parent()
     torch.manual_seed(torch.initial_seed() % 2**32 + worker_id)
 
 

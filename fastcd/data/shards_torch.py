@@ -34,6 +34,7 @@ from fastcd.data.feed import FedBatch, HostFeed, staged
 from fastcd.data.prepared import ShardLoader, ShardSamples
 from fastcd.data.transforms import normalize, resized_crops
 from fastcd.errors import FastcdError
+from fastcd.utils.lifeline import end_with_parent
 
 PREFETCH = 2  # batches each stage (host feed, device decode) works ahead of its consumer
 SLOTS = PREFETCH + 2  # host buffers: queued for the decoder, being decoded, being filled
@@ -63,7 +64,8 @@ class _EpochBatches(Sampler[Item]):
 def _worker_start() -> multiprocessing.context.BaseContext:
     """How the workers start: from a fork server that imported this module, never as a fork of this process,
     which may already run other threads (DALI's, CUDA's, the feed's); a fork copies the locks they hold, and
-    a worker could wait on one forever."""
+    a worker could wait on one forever. Each worker ends with this process (`worker_init_fn=end_with_parent`),
+    and the fork server ends once its workers and this process are gone."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
     return ctx
@@ -119,7 +121,7 @@ class ShardsTorchLoader(ShardLoader):
             self.sampler = _EpochBatches()
             self.loader = DataLoader(_Batches(self.samples, self.plan), batch_size=None, sampler=self.sampler,
                                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                                     pin_memory=ctx.device.type == "cuda",
+                                     pin_memory=ctx.device.type == "cuda", worker_init_fn=end_with_parent,
                                      multiprocessing_context=_worker_start() if cfg.workers > 0 else None)
         self.set_epoch(0)
 

@@ -1,1 +1,2 @@
-"""Small helpers shared by every stage: atomic file writes, machine description."""
+"""Small helpers shared by every stage: atomic file writes, machine description, helper processes that end
+with their parent."""
