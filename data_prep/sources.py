@@ -7,9 +7,10 @@ the word `fashion-mnist`. Class indices are the sorted class names, shared by al
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -20,15 +21,71 @@ FASHION_MNIST = "fashion-mnist"
 SPLITS = ("train", "val")
 
 
+class Packed(Sequence[str]):
+    """Strings `prefix + part` stored as the parts' bytes in one buffer and their end offsets: about the part's
+    length plus 8 bytes each, instead of a Python object each (ImageNet's 1.33 M paths and names would be about
+    250 bytes a sample as lists). `decode` turns a part's bytes back into text (`os.fsdecode` for file names)."""
+
+    def __init__(self, prefix: str, parts: bytes, ends: np.ndarray, decode: Callable[[bytes], str]) -> None:
+        self.prefix, self.parts, self.ends, self.decode = prefix, parts, ends, decode
+
+    @classmethod
+    def join(cls, prefix: str, chunks: list[tuple[bytes, np.ndarray]], decode: Callable[[bytes], str]) -> Packed:
+        """From (bytes, part lengths) chunks, in order (one per class folder, say)."""
+        lengths = np.concatenate([n for _, n in chunks]) if chunks else np.zeros(0, np.int64)
+        return cls(prefix, b"".join(b for b, _ in chunks), np.cumsum(lengths, dtype=np.int64), decode)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> Packed: ...
+
+    def __getitem__(self, i: int | slice) -> str | Packed:
+        if isinstance(i, slice):  # a leading run (`--limit`)
+            start, stop, step = i.indices(len(self))
+            if start != 0 or step != 1:
+                raise ValueError("Packed takes only leading slices")
+            return Packed(self.prefix, self.parts[:int(self.ends[stop - 1]) if stop else 0], self.ends[:stop],
+                          self.decode)
+        i = range(len(self))[i]
+        lo = int(self.ends[i - 1]) if i else 0
+        return self.prefix + self.decode(self.parts[lo:int(self.ends[i])])
+
+
 @dataclass
 class SplitSource:
     """One split: per sample a file path (or a pixel array), its name for messages, and its label."""
 
     name: str
     items: Sequence[str] | np.ndarray
-    names: list[str]
-    labels: list[int]
+    names: Sequence[str]
+    labels: np.ndarray  # int32, one per sample
     skipped: list[dict] = field(default_factory=list)  # dropped before conversion (e.g. no label)
+
+
+class _Listing:
+    """The files of a split as they are found, per folder: their relative paths packed, and their labels."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[bytes, np.ndarray]] = []
+        self.labels: list[np.ndarray] = []
+
+    def add(self, folder: str, files: list[str], labels: list[int] | int) -> None:
+        """`files` of `folder` ('' or 'class/'), with one label for all or one each."""
+        parts = [os.fsencode(folder + name) for name in files]
+        self.chunks.append((b"".join(parts), np.fromiter(map(len, parts), np.int64, len(parts))))
+        self.labels.append(np.full(len(files), labels, np.int32) if isinstance(labels, int)
+                           else np.asarray(labels, np.int32))
+
+    def split(self, split: str, root: Path, prefix: str, skipped: list[dict]) -> SplitSource:
+        """The listing as a split: items `root/<part>`, names `<prefix><part>` (printable, `shown`)."""
+        items = Packed.join(f"{root}{os.sep}", self.chunks, os.fsdecode)
+        names = Packed(prefix, items.parts, items.ends, lambda b: shown(os.fsdecode(b)))
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int32)
+        return SplitSource(split, items, names, labels, skipped)
 
 
 @dataclass
@@ -62,9 +119,9 @@ def _entries(folder: Path) -> tuple[list[str], list[str], list[tuple[str, str]]]
 def _tree_split(src: Path, split: str, folder: Path, classes: list[str]) -> SplitSource:
     index = {c: i for i, c in enumerate(classes)}
     class_dirs, stray, bad = _entries(folder)
-    out = SplitSource(split, [], [], [], [{"path": shown(f"{split}/{name}"), "reason": "not inside a class folder"}
-                                          for name in stray])
-    out.skipped += [{"path": shown(f"{split}/{name}"), "reason": reason} for name, reason in bad]
+    skipped = [{"path": shown(f"{split}/{name}"), "reason": "not inside a class folder"} for name in stray]
+    skipped += [{"path": shown(f"{split}/{name}"), "reason": reason} for name, reason in bad]
+    listing = _Listing()
     for cls in class_dirs:
         if cls not in index:
             raise FastcdError(f"{folder / cls} is a class folder missing from the class list taken from "
@@ -72,16 +129,13 @@ def _tree_split(src: Path, split: str, folder: Path, classes: list[str]) -> Spli
         try:
             sub_dirs, files, bad = _entries(folder / cls)
         except OSError as e:
-            out.skipped.append({"path": shown(f"{split}/{cls}/"), "reason": f"cannot list the folder ({e.strerror})"})
+            skipped.append({"path": shown(f"{split}/{cls}/"), "reason": f"cannot list the folder ({e.strerror})"})
             continue
-        out.skipped += [{"path": shown(f"{split}/{cls}/{d}/"), "reason": "a folder inside a class folder (not read: "
-                         "images must lie directly in the class folder)"} for d in sub_dirs]
-        out.skipped += [{"path": shown(f"{split}/{cls}/{name}"), "reason": reason} for name, reason in bad]
-        for name in files:
-            out.items.append(str(folder / cls / name))
-            out.names.append(shown(f"{split}/{cls}/{name}"))
-            out.labels.append(index[cls])
-    return out
+        skipped += [{"path": shown(f"{split}/{cls}/{d}/"), "reason": "a folder inside a class folder (not read: "
+                     "images must lie directly in the class folder)"} for d in sub_dirs]
+        skipped += [{"path": shown(f"{split}/{cls}/{name}"), "reason": reason} for name, reason in bad]
+        listing.add(f"{cls}{os.sep}", files, index[cls])
+    return listing.split(split, folder, f"{split}/", skipped)
 
 
 def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes: list[str]) -> SplitSource:
@@ -89,19 +143,21 @@ def _flat_split(src: Path, split: str, folder: Path, labels_file: Path, classes:
     index = {c: i for i, c in enumerate(classes)}
     prefix = "" if folder == src else f"{split}/"
     _, files, bad = _entries(folder)
-    out = SplitSource(split, [], [], [], [{"path": shown(prefix + name), "reason": reason} for name, reason in bad])
+    skipped = [{"path": shown(prefix + name), "reason": reason} for name, reason in bad]
+    kept, labels = [], []
     for name in files:
         cls = label_for(name, by_name)
         if cls is None:
-            out.skipped.append({"path": shown(prefix + name), "reason": f"no label in {labels_file.name}"})
+            skipped.append({"path": shown(prefix + name), "reason": f"no label in {labels_file.name}"})
             continue
         if cls not in index:
             raise FastcdError(f"{labels_file}: class {cls!r} of {name} is not one of the {len(classes)} "
                               f"classes (class folders of {src}/train, or the classes in the labels file)")
-        out.items.append(str(folder / name))
-        out.names.append(shown(prefix + name))
-        out.labels.append(index[cls])
-    return out
+        kept.append(name)
+        labels.append(index[cls])
+    listing = _Listing()
+    listing.add("", kept, labels)
+    return listing.split(split, folder, prefix, skipped)
 
 
 def _open_tree(src: Path, splits: Sequence[str] | None, labels_file: Path | None) -> Source:
@@ -146,7 +202,7 @@ def _open_fashion_mnist(splits: Sequence[str] | None) -> Source:
             raise FastcdError(f"fashion-mnist has splits train and val (the t10k files), not {split!r}")
         images, labels = load_split(FASHION_MNIST_DIR, split)
         names = [f"{FASHION_MNIST}/{split}/{i:05d}" for i in range(len(images))]
-        out[split] = SplitSource(split, images, names, labels.astype(int).tolist())
+        out[split] = SplitSource(split, images, names, labels.astype(np.int32))
     return Source(list(FASHION_MNIST_CLASSES), out)
 
 
