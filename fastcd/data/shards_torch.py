@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import threading
 from collections.abc import Iterator
 
@@ -65,9 +66,12 @@ def _worker_start() -> multiprocessing.context.BaseContext:
     """How the workers start: from a fork server that imported this module, never as a fork of this process,
     which may already run other threads (DALI's, CUDA's, the feed's); a fork copies the locks they hold, and
     a worker could wait on one forever. Each worker ends with this process (`worker_init_fn=end_with_parent`),
-    and the fork server ends once its workers and this process are gone."""
+    and the fork server ends once its workers and this process are gone. The server starts here, when the first
+    loader is built, so that its imports (seconds) overlap the rest of the run's setup rather than delaying the
+    first batch."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
+    multiprocessing.forkserver.ensure_running()
     return ctx
 
 
