@@ -125,5 +125,7 @@ def generate(root: Path, fraction: float, workers: int, seed: int = 0, progress:
           tqdm(total=len(items), unit="img", desc="generate", disable=not progress) as bar):
         for n in pool.imap_unordered(_write_chunk, tasks):
             bar.update(n)
+        pool.close()  # the workers exit by themselves: the pool's exit would terminate them (SIGTERM)
+        pool.join()
     stamp.touch()
     return lay

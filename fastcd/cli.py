@@ -37,6 +37,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "feed": ("fastcd.bench.feed", "the host side of the GPU feed alone, per core, vs the per-sample path"),
     "kernels": ("fastcd.bench.kernels", "fused distillation-loss kernels vs eager and torch.compile"),
     "train": ("fastcd.bench.train", "images/s of the full distillation step, with an ablation of knobs"),
+    "scale": ("fastcd.bench.scale", "the full-size rehearsal: every stage at 1/100, 1/10 and ImageNet's size"),
 }
 
 
