@@ -403,14 +403,15 @@ def _loader_child(spec: dict) -> dict:
     from fastcd.data.feed import HostFeed
 
     backend, ranks, batch = spec["backend"], spec["world_size"], spec["batch"]
-    cfg = DataConfig(backend="torch" if backend == "feed" else backend, path=spec["out"], batch_size=batch,
-                     res=RES, workers=spec["workers"], decode="workers")
+    is_feed = backend == "feed"  # the torch backend's loader for its order and table; no workers of its own
+    cfg = DataConfig(backend="torch" if is_feed else backend, path=spec["out"], batch_size=batch, res=RES,
+                     workers=0 if is_feed else spec["workers"], decode="workers")
     ctx = LoaderContext(torch.device("cpu"), torch.float32, channels_last=False, num_classes=1000, rank=0,
                         world_size=ranks)
     start = time.perf_counter()
     loader = build_loader(cfg, "train", ctx)
     row: dict = {"build_s": round(time.perf_counter() - start, 3)}
-    feed = HostFeed(loader.samples, 2, False) if backend == "feed" else None
+    feed = HostFeed(loader.samples, 2, False) if is_feed else None
 
     def batches(epoch: int) -> Iterator[int]:
         loader.set_epoch(epoch)
