@@ -16,6 +16,7 @@ import io
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -72,8 +73,8 @@ def write_table(out: Path, split: str, table: np.ndarray) -> dict:
     return {"file": table_file(split), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def read_table(path: Path) -> np.ndarray:
-    """The (N, len(COLUMNS)) int64 table at `path`; ValueError when it is not one."""
+def read_table(path: Path | BinaryIO) -> np.ndarray:
+    """The (N, len(COLUMNS)) int64 table at `path` (or in a file object); ValueError when it is not one."""
     table = np.load(path, allow_pickle=False)
     if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(COLUMNS):
         raise ValueError(f"a {table.dtype} array of shape {table.shape}, not (N, {len(COLUMNS)}) int64")

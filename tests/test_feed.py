@@ -3,6 +3,7 @@ what the shards hold, an older folder is refused by name and upgraded once, the 
 labels and crops of exactly the epoch's batches, reuses its buffers safely, and stops cleanly."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -21,7 +22,7 @@ from fastcd.data.feed import HostFeed, Stopped, staged
 from fastcd.data.prepared import ShardSamples, open_prepared
 from fastcd.data_prep.manifest import manifest_path
 from fastcd.data_prep.prepare import prepare, upgrade
-from fastcd.data_prep.sample_table import HEIGHT, LABEL, WIDTH, read_table
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, OFFSET, WIDTH, read_table
 from fastcd.data_prep.shards import read_index
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError
@@ -87,10 +88,30 @@ def test_a_damaged_table_is_found(prepared: Path, tmp_path: Path) -> None:
     np.save(path, table)
     with pytest.raises(FastcdError, match="sha256 differs"):
         verify(copy)
-    table[4, LABEL] = CLASSES  # and a label out of range: refused when a loader opens it
+    table[4, LABEL] = CLASSES  # and a label out of range, the manifest edited to match: refused on open
     np.save(path, table)
+    manifest = json.loads(manifest_path(copy).read_text())
+    manifest["splits"]["train"]["samples"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path(copy).write_text(json.dumps(manifest))
     with pytest.raises(FastcdError, match="labels outside"):
         samples_of(copy)
+
+
+@pytest.mark.parametrize("column", [LABEL, OFFSET])
+def test_an_edited_table_is_refused_when_a_loader_opens_it(prepared: Path, tmp_path: Path, column: int) -> None:
+    """A row edited in place (same file size): another valid label, or the offset of the next JPEG, which the
+    range checks cannot see. Every loader that reads the table hashes it against the manifest on open."""
+    copy = tmp_path / "out"
+    shutil.copytree(prepared, copy)
+    path = copy / "train" / "samples.npy"
+    table = read_table(path)
+    table[3, column] = table[4, column] if column == OFFSET else (table[3, LABEL] + 1) % CLASSES
+    np.save(path, table)
+    for backend in ("torch", "dali"):
+        with pytest.raises(FastcdError, match=f"sample table {path} is damaged \\(its sha256 differs from the "
+                                              f"manifest's.*run `fastcd prepare --verify {copy}`"):
+            build_loader(DataConfig(backend=backend, path=str(copy), decode="workers" if backend == "torch"
+                                    else "auto"), "train", ctx())
 
 
 def folder_without_table(prepared: Path, tmp_path: Path) -> Path:

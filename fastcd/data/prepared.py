@@ -3,13 +3,14 @@
 
 Checks run when a loader is built, so bad input fails before training: the manifest's format
 version and referenced files (`load_manifest`), the split and the format the backend needs, the
-class count against the model, and — cheaply, without hashing — the split's sample table against
-the manifest and the tars (sample count, shards and labels in range, each tar long enough, its first
-sample a JPEG).
+class count against the model, and the split's sample table: its sha256 against the manifest's (about
+0.1 s for ImageNet's 61 MB table; the tars are not hashed), then its rows against the manifest and the
+tars (sample count, shards and labels in range, each tar long enough, its first sample a JPEG).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ class PreparedSplit:
         return [(self.root / s["tar"], self.root / s["index"]) for s in self.entry["shards"]]
 
     def fingerprint(self) -> str:
-        """sha256 of the prepared folder's manifest, which holds every shard's and the .beton's sha256."""
+        """sha256 of the prepared folder's manifest, which holds every shard's, sample table's and .beton's
+        sha256 (a loader that reads a sample table first checks the file against it: `ShardSamples`)."""
         return hashlib.sha256((self.root / "manifest.json").read_bytes()).hexdigest()
 
 
@@ -87,7 +89,10 @@ class ShardSamples:
                               f"table (image sizes and labels); run `fastcd prepare --upgrade {root}` once")
         path = root / entry["samples"]["file"]
         try:
-            table = read_table(path)
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != entry["samples"]["sha256"]:
+                raise ValueError("its sha256 differs from the manifest's: it changed since `fastcd prepare` wrote it")
+            table = read_table(io.BytesIO(data))
         except (OSError, ValueError) as e:
             raise FastcdError(f"sample table {path} is damaged ({e}); run `fastcd prepare --verify {root}`") from e
         self.tars = [tar for tar, _ in prepared.shards]
