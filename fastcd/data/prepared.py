@@ -21,6 +21,7 @@ from fastcd.config import DataConfig
 from fastcd.data.base import IndexedLoader, LoaderContext, Split
 from fastcd.data_prep.manifest import load_manifest
 from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH, read_table
+from fastcd.data_prep.shards import sample_key
 from fastcd.errors import FastcdError
 
 JPEG_MAGIC = b"\xff\xd8"
@@ -95,6 +96,7 @@ class ShardSamples:
             table = read_table(io.BytesIO(data))
         except (OSError, ValueError) as e:
             raise FastcdError(f"sample table {path} is damaged ({e}); run `fastcd prepare --verify {root}`") from e
+        self.root = root
         self.tars = [tar for tar, _ in prepared.shards]
         self.shard = np.ascontiguousarray(table[:, SHARD])
         self.offset = np.ascontiguousarray(table[:, OFFSET])
@@ -121,6 +123,12 @@ class ShardSamples:
         """The JPEG bytes of sample i (a read-only view of the mapped tar)."""
         offset = int(self.offset[i])
         return self._map(int(self.shard[i]))[offset:offset + int(self.length[i])]
+
+    def undecodable(self, i: int, error: Exception) -> FastcdError:
+        """The one-line error for sample i, whose JPEG the decoder refused with `error`."""
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return FastcdError(f"sample {sample_key(i)} in shard {self.tars[int(self.shard[i])]} cannot be decoded "
+                           f"({why}): the prepared data is damaged; run `fastcd prepare --verify {self.root}`")
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Copy the JPEGs of samples `indices` one after another into `out` (uint8, at least their total
