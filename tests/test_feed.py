@@ -154,6 +154,44 @@ def test_an_upgrade_on_a_full_disk_is_a_one_line_error_and_changes_nothing(prepa
     assert manifest_path(old).read_bytes() == before and not (old / ".prepare.lock").exists()
 
 
+def _damage_sample(old: Path, sample: int, where: int, keep_sha: bool) -> Path:
+    """Overwrite two bytes of train sample `sample`'s JPEG, `where` bytes into it; with `keep_sha` the manifest
+    records the damaged tar's sha256 (a shard damaged before it was hashed). Returns the tar."""
+    manifest = json.loads(manifest_path(old).read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    entries = [(shard, e) for shard in shards for e in read_index(old / shard["index"])]
+    shard, entry = entries[sample]
+    tar = old / shard["tar"]
+    with open(tar, "r+b") as f:
+        f.seek(entry["jpg"].offset + where)
+        f.write(b"\0\0")
+    if keep_sha:
+        shard["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+        manifest_path(old).write_text(json.dumps(manifest))
+    return tar
+
+
+def test_an_upgrade_checks_the_shards_sha256_before_building_a_table(prepared: Path, tmp_path: Path) -> None:
+    """A byte changed inside a JPEG's data, which no header read sees: the upgrade refuses the shard by name
+    and leaves the folder as it was."""
+    old = folder_without_table(prepared, tmp_path)
+    tar = _damage_sample(old, 5, 200, keep_sha=False)
+    before = manifest_path(old).read_bytes()
+    with pytest.raises(FastcdError, match=f"shard {tar}: its sha256 differs from the manifest's, so no sample table "
+                                          f"is built from it \\({old} is as it was\\)"):
+        upgrade(old, progress=False)
+    assert manifest_path(old).read_bytes() == before and not (old / "train" / "samples.npy").exists()
+
+
+def test_an_upgrade_names_the_shard_and_sample_of_a_corrupt_jpeg_header(prepared: Path, tmp_path: Path) -> None:
+    old = folder_without_table(prepared, tmp_path)
+    tar = _damage_sample(old, 5, 0, keep_sha=True)
+    with pytest.raises(FastcdError, match=f"^shard {tar}: sample 000000005.jpg: its JPEG header cannot be read "
+                                          "\\(UnidentifiedImageError\\); the shard is damaged \\(`fastcd prepare "
+                                          "--verify` names every damaged file\\)$"):
+        upgrade(old, progress=False)
+
+
 def test_gather_copies_each_jpeg_in_order(prepared: Path) -> None:
     s = samples_of(prepared)
     idx = np.array([26, 0, 13, 5, 5, 7])
