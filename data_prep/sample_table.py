@@ -7,7 +7,8 @@ JPEG header or label to read per sample, in any process). The manifest records t
 size; `fastcd prepare --verify` checks its rows against the tars.
 
 Folders prepared before the table existed get it from `fastcd prepare --upgrade OUT` (`prepare.upgrade`,
-through `add_missing_tables`), which computes it once from the indexes, the labels and the JPEG headers.
+through `add_missing_tables`), which computes it once from the indexes, the labels and the JPEG headers of
+shards whose sha256 it has checked against the manifest.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ import io
 import mmap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from fastcd.data_prep.manifest import write_manifest
-from fastcd.data_prep.shards import read_index
+from fastcd.data_prep.shards import read_index, sha256_file
+from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_path
 
 COLUMNS = ("shard", "offset", "length", "label", "height", "width")
@@ -31,8 +34,11 @@ TABLE_NAME = "samples.npy"
 
 
 def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
-    """(height, width) of a JPEG, from its header (no decode)."""
-    width, height = Image.open(io.BytesIO(data)).size
+    """(height, width) of a JPEG, from its header (no decode); ValueError when there is no image header."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError; a bad header a SyntaxError
+        raise ValueError(f"its JPEG header cannot be read ({type(e).__name__})") from None
     return height, width
 
 
@@ -52,8 +58,15 @@ def shard_rows(shard: int, tar: Path, index: Path, labels: Sequence[int] | None 
     with open(tar, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         for r, e in enumerate(entries):
             cls, jpg = e["cls"], e["jpg"]
-            rows[r, LABEL] = int(data[cls.offset:cls.offset + cls.size])
-            rows[r, HEIGHT:] = jpeg_size(data[jpg.offset:jpg.offset + jpg.size])
+            try:
+                label = data[cls.offset:cls.offset + cls.size]
+                if not label.strip().isdigit():
+                    raise ValueError(f"its label {label[:20]!r} is not a class number")
+                rows[r, LABEL] = int(label)
+                rows[r, HEIGHT:] = jpeg_size(data[jpg.offset:jpg.offset + jpg.size])
+            except ValueError as why:
+                raise FastcdError(f"shard {tar}: sample {jpg.name}: {why}; the shard is damaged (`fastcd prepare "
+                                  "--verify` names every damaged file)") from None
     return rows
 
 
@@ -72,8 +85,8 @@ def write_table(out: Path, split: str, table: np.ndarray) -> dict:
     return {"file": table_file(split), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def read_table(path: Path) -> np.ndarray:
-    """The (N, len(COLUMNS)) int64 table at `path`; ValueError when it is not one."""
+def read_table(path: Path | BinaryIO) -> np.ndarray:
+    """The (N, len(COLUMNS)) int64 table at `path` (or in a file object); ValueError when it is not one."""
     table = np.load(path, allow_pickle=False)
     if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(COLUMNS):
         raise ValueError(f"a {table.dtype} array of shape {table.shape}, not (N, {len(COLUMNS)}) int64")
@@ -88,11 +101,19 @@ def missing_tables(manifest: dict) -> list[str]:
 
 
 def add_missing_tables(out: Path, manifest: dict, progress: bool) -> dict:
-    """Compute, write and record the tables `manifest` lacks; rewrite the manifest (atomically, last)."""
+    """Compute, write and record the tables `manifest` lacks, each from shards whose sha256 is the manifest's
+    (a damaged shard is refused before its split's table is written); rewrite the manifest (atomically, last)."""
     for name in missing_tables(manifest):
         entry = manifest["splits"][name]
         shards = tqdm(entry["shards"], desc=f"{name} sample table", unit="shard", disable=not progress)
-        parts = [shard_rows(s, out / shard["tar"], out / shard["index"]) for s, shard in enumerate(shards)]
+        parts = []
+        for s, shard in enumerate(shards):
+            tar = out / shard["tar"]
+            if sha256_file(tar) != shard["sha256"]:
+                raise FastcdError(f"shard {tar}: its sha256 differs from the manifest's, so no sample table is built "
+                                  f"from it ({out} is as it was); the dataset is damaged: `fastcd prepare --verify "
+                                  f"{out}` names every damaged file, re-run `fastcd prepare` into a new OUT")
+            parts.append(shard_rows(s, tar, out / shard["index"]))
         entry["samples"] = write_table(out, name, np.concatenate(parts))
     write_manifest(out, manifest)
     return manifest

@@ -2,7 +2,8 @@
 
 One launch for the whole batch: program (tile, n) writes BLOCK output pixels of image n, each the
 average of a grid of bilinear samples inside its bin of the box (torchvision's `roi_align` with
-`aligned=True` and the adaptive grid ceil(box / res), so a shrinking crop is area-filtered), mirrored
+`aligned=True` and the adaptive grid ceil(box / res), so a shrinking crop is area-filtered; each sample
+clamped to the box's edge pixels, as a crop then a resize reads them: `transforms.resized_crops_eager`), mirrored
 when the image's flip is set, normalised as (x - 255 mean) / (255 std), in the output dtype and in
 channels_last memory order. The images are read in place where `decode_jpeg` left them (each (3, H, W)
 contiguous, at its own address: the kernel gets each one's offset from the first), so nothing is
@@ -40,8 +41,10 @@ def _crop_resize_kernel(
     meta = Meta_ptr + n * meta_stride
     x0 = tl.load(meta)
     y0 = tl.load(meta + 1)
-    bin_w = tl.load(meta + 2) / res
-    bin_h = tl.load(meta + 3) / res
+    box_w = tl.load(meta + 2)
+    box_h = tl.load(meta + 3)
+    bin_w = box_w / res
+    bin_h = box_h / res
     flip = tl.load(meta + 4)
     h = tl.load(meta + 5).to(tl.int32)
     w = tl.load(meta + 6).to(tl.int32)
@@ -58,17 +61,17 @@ def _crop_resize_kernel(
     acc0 = tl.zeros([BLOCK], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK], dtype=tl.float32)
-    hmax = (h - 1).to(tl.float32)
-    wmax = (w - 1).to(tl.float32)
+    y_end = y0 + box_h - 1.0  # the box's last row and column (whole pixels): samples clamp to the box
+    x_end = x0 + box_w - 1.0
     for gy in range(0, grid_h):
-        y = tl.minimum(tl.maximum(top + (gy + 0.5) * bin_h / grid_h, 0.0), hmax)
+        y = tl.minimum(tl.maximum(top + (gy + 0.5) * bin_h / grid_h, y0), y_end)
         y_lo = y.to(tl.int32)
-        y_hi = tl.minimum(y_lo + 1, h - 1)
+        y_hi = tl.minimum(y_lo + 1, y_end.to(tl.int32))
         ly = y - y_lo.to(tl.float32)
         for gx in range(0, grid_w):
-            x = tl.minimum(tl.maximum(left + (gx + 0.5) * bin_w / grid_w, 0.0), wmax)
+            x = tl.minimum(tl.maximum(left + (gx + 0.5) * bin_w / grid_w, x0), x_end)
             x_lo = x.to(tl.int32)
-            x_hi = tl.minimum(x_lo + 1, w - 1)
+            x_hi = tl.minimum(x_lo + 1, x_end.to(tl.int32))
             lx = x - x_lo.to(tl.float32)
             w00 = (1.0 - ly) * (1.0 - lx)
             w01 = (1.0 - ly) * lx

@@ -5,6 +5,7 @@ tests/test_elastic_torchrun.py."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,19 @@ def test_resume_auto_continues_the_same_run_and_refuses_another(tiny_config, mon
     with pytest.raises(FastcdError, match=r"train.resume=auto: run folder .* holds another run \(its config.yaml "
                                           r"differs: optim.lr: 0.05 -> 0.1\); continue it with --resume"):
         train(tiny_config(*auto, "optim.lr=0.1"))
+
+
+def test_resume_auto_refuses_a_checkpoint_of_another_run(tiny_config, tmp_path):
+    """A `latest.pt` copied in from another run (lr 0.1, 3 epochs) is refused, though its fields are ones
+    --resume may change and the folder's config.yaml is this run's."""
+    cfg = tiny_config("train.resume=auto", "train.epochs=5")
+    train(cfg, stop_after_epoch=1)
+    other = tiny_config("optim.lr=0.1", f"train.out_dir={tmp_path / 'other'}")
+    train(other)
+    shutil.copyfile(other.out_path / "latest.pt", cfg.out_path / "latest.pt")
+    with pytest.raises(FastcdError, match=r"train.resume=auto: checkpoint .*latest.pt' was written by another run "
+                                          r"\(its config differs: .*optim.lr: 0.1 -> 0.05.*train.epochs: 3 -> 5"):
+        train(cfg, stop_after_epoch=4)
 
 
 def test_resume_auto_starts_afresh_where_the_run_wrote_no_checkpoint(tiny_config):

@@ -1,6 +1,8 @@
 """The training engine end to end on tiny synthetic runs: learning, exact resume, failures, every flag, DDP."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +12,13 @@ import torch
 import yaml
 
 from fastcd.cli import main
+from fastcd.config import config_from_dict
+from fastcd.data_prep.sample_table import OFFSET, SHARD, read_table
 from fastcd.engine.trainer import train
 from fastcd.errors import FastcdError
 from fastcd.losses.ce import CELoss
 from fastcd.utils.checkpoint import load_checkpoint
-from tests.conftest import tiny_dict
+from tests.conftest import prepared_dict, tiny_dict
 
 
 def test_tiny_distillation_lowers_its_loss_and_writes_its_outputs(tiny_config):
@@ -149,8 +153,6 @@ def test_a_new_run_refuses_a_folder_that_holds_another(tiny_config, tmp_path, ca
 
 
 def test_the_run_folder_records_the_resolved_config_and_the_environment(tiny_config):
-    from fastcd.config import config_from_dict
-
     cfg = tiny_config("train.epochs=2", "train.max_steps_per_epoch=1", "optim.lr=0.02")
     train(cfg, stop_after_epoch=1)
     saved = yaml.safe_load((cfg.out_path / "config.yaml").read_text())
@@ -355,6 +357,41 @@ def test_force_checks_every_cached_epoch_before_deleting_the_previous_run(tiny_c
     with pytest.raises(FastcdError, match=r"epoch-0001.*cannot be read"):
         train(tiny_config(*base, f"teacher.cache={cache}"), force=True)
     assert {name: (old.out_path / name).read_bytes() for name in before} == before
+
+
+def _undecodable_copy(prepared: Path, out: Path) -> tuple[Path, str]:
+    """A copy of `prepared` whose train sample 5 (not its shard's first, which opening checks) is no longer a
+    JPEG: sizes, sample table and manifest unchanged. Returns the copy and the sample's shard tar."""
+    shutil.copytree(prepared, out)
+    table = read_table(out / "train" / "samples.npy")
+    assert table[5, OFFSET] > table[table[:, SHARD] == table[5, SHARD], OFFSET].min()
+    tar = out / json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][table[5, SHARD]]["tar"]
+    with open(tar, "r+b") as f:
+        f.seek(int(table[5, OFFSET]))
+        f.write(b"\0\0")
+    return out, str(tar)
+
+
+@pytest.mark.parametrize("decode,workers", [("workers", 0), ("workers", 1), ("device", 0)])
+def test_force_puts_the_previous_run_back_when_a_sample_does_not_decode(prepared, tmp_path, decode, workers):
+    """`--force` with data that fails mid-epoch: the error is one line naming the shard and the sample (from a
+    worker process too), and the previous run's files are back as they were. A later --force that succeeds
+    leaves no copy of the run it replaced."""
+    raw = prepared_dict(str(tmp_path / "run"), prepared, workers)
+    raw["data"]["decode"] = decode
+    good = config_from_dict(raw)
+    train(good)
+    out = good.out_path
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"latest.pt", "best.pt"} <= set(before)
+    bad, tar = _undecodable_copy(prepared, tmp_path / "bad")
+    with pytest.raises(FastcdError) as e:
+        train(config_from_dict(raw, [f"data.path={bad}"]), force=True)
+    assert re.fullmatch(rf"sample 000000005 in shard {re.escape(tar)} cannot be decoded \(.+\): the prepared data is "
+                        rf"damaged; run `fastcd prepare --verify {re.escape(str(bad))}`", str(e.value)), str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    train(good, force=True)
+    assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
 
 
 def test_checkpoints_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ what the shards hold, an older folder is refused by name and upgraded once, the 
 labels and crops of exactly the epoch's batches, reuses its buffers safely, and stops cleanly."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -21,7 +22,7 @@ from fastcd.data.feed import HostFeed, Stopped, staged
 from fastcd.data.prepared import ShardSamples, open_prepared
 from fastcd.data_prep.manifest import manifest_path
 from fastcd.data_prep.prepare import prepare, upgrade
-from fastcd.data_prep.sample_table import HEIGHT, LABEL, WIDTH, read_table
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, OFFSET, WIDTH, read_table
 from fastcd.data_prep.shards import read_index
 from fastcd.data_prep.verify import verify
 from fastcd.errors import FastcdError
@@ -87,10 +88,30 @@ def test_a_damaged_table_is_found(prepared: Path, tmp_path: Path) -> None:
     np.save(path, table)
     with pytest.raises(FastcdError, match="sha256 differs"):
         verify(copy)
-    table[4, LABEL] = CLASSES  # and a label out of range: refused when a loader opens it
+    table[4, LABEL] = CLASSES  # and a label out of range, the manifest edited to match: refused on open
     np.save(path, table)
+    manifest = json.loads(manifest_path(copy).read_text())
+    manifest["splits"]["train"]["samples"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest_path(copy).write_text(json.dumps(manifest))
     with pytest.raises(FastcdError, match="labels outside"):
         samples_of(copy)
+
+
+@pytest.mark.parametrize("column", [LABEL, OFFSET])
+def test_an_edited_table_is_refused_when_a_loader_opens_it(prepared: Path, tmp_path: Path, column: int) -> None:
+    """A row edited in place (same file size): another valid label, or the offset of the next JPEG, which the
+    range checks cannot see. Every loader that reads the table hashes it against the manifest on open."""
+    copy = tmp_path / "out"
+    shutil.copytree(prepared, copy)
+    path = copy / "train" / "samples.npy"
+    table = read_table(path)
+    table[3, column] = table[4, column] if column == OFFSET else (table[3, LABEL] + 1) % CLASSES
+    np.save(path, table)
+    for backend in ("torch", "dali"):
+        with pytest.raises(FastcdError, match=f"sample table {path} is damaged \\(its sha256 differs from the "
+                                              f"manifest's.*run `fastcd prepare --verify {copy}`"):
+            build_loader(DataConfig(backend=backend, path=str(copy), decode="workers" if backend == "torch"
+                                    else "auto"), "train", ctx())
 
 
 def folder_without_table(prepared: Path, tmp_path: Path) -> Path:
@@ -131,6 +152,44 @@ def test_an_upgrade_on_a_full_disk_is_a_one_line_error_and_changes_nothing(prepa
                                           "--upgrade` again"):
         upgrade(old, progress=False)
     assert manifest_path(old).read_bytes() == before and not (old / ".prepare.lock").exists()
+
+
+def _damage_sample(old: Path, sample: int, where: int, keep_sha: bool) -> Path:
+    """Overwrite two bytes of train sample `sample`'s JPEG, `where` bytes into it; with `keep_sha` the manifest
+    records the damaged tar's sha256 (a shard damaged before it was hashed). Returns the tar."""
+    manifest = json.loads(manifest_path(old).read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    entries = [(shard, e) for shard in shards for e in read_index(old / shard["index"])]
+    shard, entry = entries[sample]
+    tar = old / shard["tar"]
+    with open(tar, "r+b") as f:
+        f.seek(entry["jpg"].offset + where)
+        f.write(b"\0\0")
+    if keep_sha:
+        shard["sha256"] = hashlib.sha256(tar.read_bytes()).hexdigest()
+        manifest_path(old).write_text(json.dumps(manifest))
+    return tar
+
+
+def test_an_upgrade_checks_the_shards_sha256_before_building_a_table(prepared: Path, tmp_path: Path) -> None:
+    """A byte changed inside a JPEG's data, which no header read sees: the upgrade refuses the shard by name
+    and leaves the folder as it was."""
+    old = folder_without_table(prepared, tmp_path)
+    tar = _damage_sample(old, 5, 200, keep_sha=False)
+    before = manifest_path(old).read_bytes()
+    with pytest.raises(FastcdError, match=f"shard {tar}: its sha256 differs from the manifest's, so no sample table "
+                                          f"is built from it \\({old} is as it was\\)"):
+        upgrade(old, progress=False)
+    assert manifest_path(old).read_bytes() == before and not (old / "train" / "samples.npy").exists()
+
+
+def test_an_upgrade_names_the_shard_and_sample_of_a_corrupt_jpeg_header(prepared: Path, tmp_path: Path) -> None:
+    old = folder_without_table(prepared, tmp_path)
+    tar = _damage_sample(old, 5, 0, keep_sha=True)
+    with pytest.raises(FastcdError, match=f"^shard {tar}: sample 000000005.jpg: its JPEG header cannot be read "
+                                          "\\(UnidentifiedImageError\\); the shard is damaged \\(`fastcd prepare "
+                                          "--verify` names every damaged file\\)$"):
+        upgrade(old, progress=False)
 
 
 def test_gather_copies_each_jpeg_in_order(prepared: Path) -> None:

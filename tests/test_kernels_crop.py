@@ -99,3 +99,24 @@ def test_crop_kernel_reads_images_in_place_wherever_they_lie():
     torch.testing.assert_close(got, crop_resize_triton(images, meta, 12, MEAN, STD, torch.float32), rtol=0, atol=0)
     with pytest.raises(ValueError, match="images\\[1\\] is not a contiguous uint8"):
         crop_resize_triton([images[0], images[1].transpose(1, 2)], meta[:2], 12, MEAN, STD, torch.float32)
+
+
+def test_an_enlarged_box_reads_only_the_box():
+    """Boxes of 5-12 px images enlarged to 32 px: the eager path and the kernel give torchvision's
+    crop-then-resize (bilinear between pixel centres, clamped to the box's edge pixels), not values that
+    mix in the pixels around the box."""
+    rng = np.random.default_rng(1)
+    images, rows, want = [], [], []
+    for _ in range(8):
+        h, w = (int(v) for v in rng.integers(5, 13, 2))
+        image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+        bh, bw = int(rng.integers(2, h + 1)), int(rng.integers(2, w + 1))
+        y0, x0 = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        images.append(image.to(DEVICE))
+        rows.append([x0, y0, bw, bh, 0, h, w])
+        want.append(TF.resized_crop(image.double(), y0, x0, bh, bw, [32, 32], antialias=True))
+    meta = torch.tensor(rows, dtype=torch.float32, device=DEVICE)
+    got = resized_crops_eager([im.cpu() for im in images], meta.cpu(), 32, torch.float64)
+    torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-6)
+    kernel = crop_resize_triton(images, meta, 32, [0, 0, 0], [1 / 255] * 3, torch.float32)
+    torch.testing.assert_close(kernel.double().cpu(), torch.stack(want), rtol=0, atol=1e-3)

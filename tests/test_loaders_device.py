@@ -82,8 +82,14 @@ def test_stopping_early_stops_the_prefetch_thread(prepared: Path) -> None:
 
 
 def test_a_decode_error_reaches_the_training_loop(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args, **kwargs):
-        raise RuntimeError("nvjpeg says no")
+    """A batch's decode that fails though each of its JPEGs decodes alone (not a damaged sample) reaches the
+    loop as it is."""
+    decode = shards_torch.decode_jpeg
+
+    def broken(data, *args, **kwargs):
+        if isinstance(data, list):
+            raise RuntimeError("nvjpeg says no")
+        return decode(data, *args, **kwargs)
 
     monkeypatch.setattr(shards_torch, "decode_jpeg", broken)
     with pytest.raises(RuntimeError, match="nvjpeg says no"):

@@ -17,8 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue exactly from <out_dir>/latest.pt")
     parser.add_argument("--force", action="store_true",
-                        help="start afresh in a run folder that holds another run (its files are removed once "
-                        "every input of the new run is checked; not with --resume)")
+                        help="start afresh in a run folder that holds another run (its files are moved aside once "
+                        "every input of the new run is checked, put back if the new run fails before its first "
+                        "checkpoint, and deleted after it; not with --resume)")
     parser.add_argument("--stop-after", type=at_least_one, default=None, metavar="EPOCH",
                         help="stop after this epoch (the schedules still span train.epochs); resume later")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (every default and "

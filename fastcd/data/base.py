@@ -116,10 +116,11 @@ REPLAYING_NAMES = f"{', '.join(REPLAYING[:-1])} or {REPLAYING[-1]}"  # as a mess
 
 # How a loader that replays crops resamples a box to res x res, by name (`BatchLoader.resampling`). A teacher
 # cache is shared by the loaders whose crop and resampling definitions agree; the JPEG decoder is not part of
-# it (decoders differ by a few grey levels, which tests/test_crop_agreement.py bounds).
+# it (decoders differ by a few grey levels, which tests/test_crop_agreement.py bounds). Each definition reads
+# only the box: near its edge a sample clamps to the box's edge pixels, as a crop then a resize does.
 RESAMPLING = {
     "area": "area-averaged when shrinking, bilinear when enlarging (`transforms.resized_crops`: roi_align on an "
-            "adaptive sampling grid; ffcv: OpenCV's INTER_AREA and `ffcv_crops.resample_box`)",
+            "adaptive sampling grid over the box cut out; ffcv: OpenCV's INTER_AREA and `ffcv_crops.resample_box`)",
     "antialiased": "torchvision's antialiased bilinear: a triangle filter as wide as the scale when shrinking, "
                    "bilinear when enlarging (torchvision `resized_crop(antialias=True)`; DALI's `fn.resize`, "
                    "linear with antialias, its default)",

@@ -36,6 +36,7 @@ class FedBatch:
     data: Tensor  # uint8: the batch's JPEGs one after another (a view of a ring buffer)
     lengths: Tensor  # int64 (B,): each JPEG's length in `data`
     labels: Tensor  # int64 (B,)
+    indices: Tensor  # int64 (B,): the batch's samples (to name one that does not decode)
     rows: Tensor  # float32 (B, len(crops.ROW)): each sample's crop box, flip and image size
     slot: int  # the ring buffer that holds `data`, to `release` once decoded
 
@@ -88,7 +89,7 @@ class HostFeed:
         labels = torch.from_numpy(s.labels[idx])
         if self.pin:  # so the decoder's copies to the GPU are asynchronous
             rows, labels = rows.pin_memory(), labels.pin_memory()
-        return FedBatch(buffer[:total], lengths, labels, rows, slot)
+        return FedBatch(buffer[:total], lengths, labels, indices, rows, slot)
 
     def release(self, batch: FedBatch, event: torch.cuda.Event | None) -> None:
         """`batch`'s buffer may be refilled once `event` (None: now) has completed."""

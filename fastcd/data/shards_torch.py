@@ -21,6 +21,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -85,8 +86,17 @@ def _check_sizes(images: list[Tensor], rows: Tensor) -> None:
                           f"decodes to {int(got[i, 0])}x{int(got[i, 1])}; run `fastcd prepare --verify`")
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A batch a worker could not make, as the one line the main process raises (a DataLoader re-raises a
+    worker's exception with the worker's traceback in its message)."""
+
+    message: str
+
+
 class _Batches(Dataset):
-    """Item -> (uint8 (B, 3, res, res) crops, labels), decoded and cropped in a worker process."""
+    """Item -> (uint8 (B, 3, res, res) crops, labels), decoded and cropped in a worker process; a
+    `WorkerFailure` for a batch with a sample that does not decode or has another size than its table's."""
 
     def __init__(self, samples: ShardSamples, plan: CropPlan) -> None:
         self.samples, self.plan = samples, plan
@@ -94,7 +104,13 @@ class _Batches(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, item: Item) -> tuple[Tensor, Tensor] | WorkerFailure:
+        try:
+            return self._batch(item)
+        except FastcdError as e:
+            return WorkerFailure(str(e))
+
+    def _batch(self, item: Item) -> tuple[Tensor, Tensor]:
         indices, epoch, res = item
         s, idx = self.samples, item[0].numpy()
         rows = dataclasses.replace(self.plan, epoch=epoch, res=res).rows(
@@ -102,7 +118,10 @@ class _Batches(Dataset):
         out = torch.empty((len(idx), 3, res, res), dtype=torch.uint8)
         images = []
         for k, (i, (x0, y0, w, h, flip, _, _)) in enumerate(zip(idx.tolist(), rows.tolist())):
-            image = decode_jpeg(torch.from_numpy(s.jpeg(i).copy()), mode=ImageReadMode.RGB)
+            try:
+                image = decode_jpeg(torch.from_numpy(s.jpeg(i).copy()), mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                raise s.undecodable(i, e) from None
             images.append(image)
             crop = TF.resized_crop(image, int(y0), int(x0), int(h), int(w), [res, res], antialias=True)
             out[k] = crop.flip(-1) if flip else crop
@@ -137,7 +156,16 @@ class ShardsTorchLoader(ShardLoader):
     def _decode(self, batch: FedBatch, stop: threading.Event) -> tuple[Tensor, Tensor]:
         """Decode, crop and normalise one batch on the device (in the decode thread)."""
         dev, cfg = self.ctx.device, self.cfg
-        images = decode_jpeg(list(batch.data.split(batch.lengths.tolist())), mode=ImageReadMode.RGB, device=dev)
+        jpegs = list(batch.data.split(batch.lengths.tolist()))
+        try:
+            images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=dev)
+        except RuntimeError:  # the batch's decode failed: find the sample, one by one on the host
+            for k, i in enumerate(batch.indices.tolist()):
+                try:
+                    decode_jpeg(jpegs[k].cpu(), mode=ImageReadMode.RGB)
+                except RuntimeError as one:
+                    raise self.samples.undecodable(i, one) from None
+            raise  # each decodes alone: not a damaged sample
         event = None
         if dev.type == "cuda":  # the buffer is free once the decode's reads of it are done
             event = torch.cuda.Event()
@@ -159,7 +187,10 @@ class ShardsTorchLoader(ShardLoader):
             self._active = staged(fed, self._decode, PREFETCH, self.ctx.device, "fastcd-decode")
             yield from self._active
             return
-        for images, labels in self.loader:
+        for batch in self.loader:
+            if isinstance(batch, WorkerFailure):
+                raise FastcdError(batch.message)
+            images, labels = batch
             images = images.to(self.ctx.device, non_blocking=True)
             yield (normalize(images, self.cfg.mean, self.cfg.std, self.ctx.dtype, self.ctx.channels_last),
                    labels.to(self.ctx.device, non_blocking=True))

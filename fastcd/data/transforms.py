@@ -53,15 +53,18 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], dtype
 
 
 def resized_crops_eager(images: Sequence[Tensor], meta: Tensor, res: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(N, 3, res, res) crops in 0-255 of (3, H_n, W_n) images: each box of `meta` (x0, y0, w, h, flip,
-    ... per row) resized by `roi_align` (aligned, adaptive sampling grid) and mirrored where flip is set.
-    Images are edge-padded to a common size, so sampling near a border clamps to the image, not the pad."""
-    hmax, wmax = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
-    padded = torch.stack([F.pad(im.to(dtype).unsqueeze(0), (0, wmax - im.shape[2], 0, hmax - im.shape[1]),
-                                mode="replicate")[0] for im in images])
+    """(N, 3, res, res) crops in 0-255 of (3, H_n, W_n) images: each box of `meta` (x0, y0, w, h in whole
+    pixels, flip, ... per row) resized by `roi_align` (aligned, adaptive sampling grid) and mirrored where flip
+    is set. Each box is cut out and edge-padded to a common size first, so a sample near the box's edge clamps
+    to the box's edge pixels (as a crop then a resize does), never reading the pixels around the box."""
+    boxes = meta[:, :4].round().long().tolist()
+    cut = [im[:, y0:y0 + h, x0:x0 + w] for im, (x0, y0, w, h) in zip(images, boxes, strict=True)]
+    hmax, wmax = max(c.shape[1] for c in cut), max(c.shape[2] for c in cut)
+    padded = torch.stack([F.pad(c.to(dtype).unsqueeze(0), (0, wmax - c.shape[2], 0, hmax - c.shape[1]),
+                                mode="replicate")[0] for c in cut])
     m = meta.to(dtype)
-    rois = torch.stack([torch.arange(len(images), dtype=dtype, device=m.device), m[:, 0], m[:, 1],
-                        m[:, 0] + m[:, 2], m[:, 1] + m[:, 3]], dim=1)
+    zero = torch.zeros(len(images), dtype=dtype, device=m.device)
+    rois = torch.stack([torch.arange(len(images), dtype=dtype, device=m.device), zero, zero, m[:, 2], m[:, 3]], dim=1)
     out = roi_align(padded, rois.to(padded.device), (res, res), 1.0, -1, aligned=True)
     flip = (m[:, 4] > 0.5).to(out.device).view(-1, 1, 1, 1)
     return torch.where(flip, out.flip(-1), out)

@@ -1,9 +1,9 @@
 """What lets a run lose a worker and go on with no one at the keyboard (`torchrun --max-restarts`).
 
 - `train.resume: auto`: a run continues `<out>/latest.pt` when its folder holds the same run (the
-  `config.yaml` it recorded equals this config), starts afresh in an empty folder or one whose run never wrote
-  a checkpoint, and refuses a folder that holds another run, naming what differs. Rank 0 decides; every rank
-  follows (one broadcast).
+  `config.yaml` it recorded and the checkpoint's own config both equal this config), starts afresh in an empty
+  folder or one whose run never wrote a checkpoint, and refuses a folder that holds another run, naming what
+  differs. Rank 0 decides; every rank follows (one broadcast).
 - `train.checkpoint_every_steps`: `latest.pt` also every N optimizer steps, with the position in the epoch
   (`Position`); a resume starts the epoch at that step, with the same remaining samples in the same order
   (`sharding.epoch_indices`), the same crops (a function of seed, epoch and sample) and the same teacher-cache
@@ -34,6 +34,7 @@ from fastcd.data.base import REPLAYING_NAMES, BatchLoader
 from fastcd.engine.run_folder import existing_run_files
 from fastcd.engine.runtime import Runtime, seed_everything
 from fastcd.errors import FastcdError
+from fastcd.utils.checkpoint import load_checkpoint
 
 NOT_IDENTITY = (("train", "resume"),)  # config fields that may differ between the sessions of one run
 
@@ -45,12 +46,19 @@ def differences(then: Any, now: Any, where: str = "") -> list[str]:
     return [] if then == now else [f"{where.rstrip('.')}: {then!r} -> {now!r}"]
 
 
+def identity(values: Any) -> Any:
+    """A config's plain values (`Config.to_dict`, or as `config.yaml` or a checkpoint holds them) as YAML
+    records them, without the fields that are not the run's identity."""
+    values = yaml.safe_load(yaml.safe_dump(values, sort_keys=False))
+    for part, key in NOT_IDENTITY:
+        if isinstance(values, dict) and isinstance(values.get(part), dict):
+            values[part].pop(key, None)
+    return values
+
+
 def plain_config(cfg: Config) -> dict[str, Any]:
     """The config as `config.yaml` records it, without the fields that are not the run's identity."""
-    values = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    for part, key in NOT_IDENTITY:
-        values[part].pop(key, None)
-    return values
+    return identity(cfg.to_dict())
 
 
 def auto_resume(cfg: Config) -> bool:
@@ -68,15 +76,24 @@ def auto_resume(cfg: Config) -> bool:
     except (OSError, yaml.YAMLError) as e:
         raise FastcdError(f"train.resume=auto: run folder {str(out)!r} holds a run ({', '.join(found)}) whose "
                           f"config.yaml cannot be read ({type(e).__name__}); {fix}") from None
-    if isinstance(then, dict) and isinstance(then.get("train"), dict):
-        for part, key in NOT_IDENTITY:
-            then[part].pop(key, None)
-    changed = differences(then, plain_config(cfg))
+    now = plain_config(cfg)
+    changed = differences(identity(then), now)
     if changed:
-        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         raise FastcdError(f"train.resume=auto: run folder {str(out)!r} holds another run (its config.yaml differs: "
-                          f"{'; '.join(changed[:3])}{more}); {fix}")
-    return (out / "latest.pt").is_file()
+                          f"{_listed(changed)}); {fix}")
+    latest = out / "latest.pt"
+    if not latest.is_file():
+        return False
+    changed = differences(identity(load_checkpoint(latest)["config"]), now)
+    if changed:  # a checkpoint of another run, copied or left here: its config, not only config.yaml, is the run's
+        raise FastcdError(f"train.resume=auto: checkpoint {str(latest)!r} was written by another run (its config "
+                          f"differs: {_listed(changed)}); {fix}")
+    return True
+
+
+def _listed(changed: list[str]) -> str:
+    """The first three differences, and how many more."""
+    return "; ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 def decided_by_rank0(rt: Runtime, decide: Callable[[], bool]) -> bool:

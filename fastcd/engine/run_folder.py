@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json, check_dir_possible
 from fastcd.utils.machine import machine_info
 
+ASIDE_PREFIX = ".replaced-"  # where `--force` keeps the previous run until the new one's first checkpoint
 RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "run.json", "tensorboard")
 LIBRARIES = ("torch", "torchvision", "numpy", "triton", "ffcv", "nvidia-dali-cuda130", "tensorboard", "PyYAML")
 
@@ -66,10 +69,32 @@ def check_run_folder(cfg: Config, resume: bool, force: bool) -> None:
 
 
 def clear_run_folder(out: Path) -> None:
-    """Remove a previous run's files from `out` (for `--force`), so no stale best.pt or log survives."""
+    """Remove a run's files from `out`, so no stale best.pt or log survives."""
     for name in existing_run_files(out):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def set_aside(out: Path) -> Path | None:
+    """Move a previous run's files (for `--force`) into `out/.replaced-<time>-<pid>`, from where `put_back`
+    restores them if the new run fails before its first checkpoint; None when `out` holds no run. Renames
+    within the folder: nothing is copied or deleted."""
+    found = existing_run_files(out)
+    if not found:
+        return None
+    aside = out / f"{ASIDE_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for name in found:
+        (out / name).rename(aside / name)
+    return aside
+
+
+def put_back(out: Path, aside: Path) -> None:
+    """Undo `set_aside`: the new run's files go, the previous run's return."""
+    clear_run_folder(out)
+    for path in aside.iterdir():
+        path.rename(out / path.name)
+    aside.rmdir()
 
 
 def library_versions() -> dict[str, str]:

@@ -5,11 +5,14 @@ Every `train.log_every` steps it records the interval's losses, loss weights, lr
 and after each epoch's evaluation the epoch's record (`<out>/metrics.jsonl`, the console and, with
 `train.tensorboard`, TensorBoard: `fastcd.engine.sinks`). Each epoch's `latest.pt` is written (atomically)
 before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far. Nothing
-in the run folder changes (not even under `--force`) before every input the session reads has been checked.
+in the run folder changes (not even under `--force`) before every input the session reads has been checked,
+and `--force` only moves the previous run aside until the new run's first checkpoint: a session that fails
+before it (a sample that does not decode, say) puts the previous run back.
 """
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,7 +38,7 @@ from fastcd.engine.epoch import format_record, raise_if_nonfinite, train_epoch
 from fastcd.engine.evaluate import evaluate
 from fastcd.engine.metrics import Meter
 from fastcd.engine.resume import check_resumable, restore
-from fastcd.engine.run_folder import check_run_folder, clear_run_folder, record_session
+from fastcd.engine.run_folder import check_run_folder, put_back, record_session, set_aside
 from fastcd.engine.runtime import Runtime, loader_context, seed_everything, setup_runtime
 from fastcd.engine.sinks import MetricsLog, require_tensorboard
 from fastcd.engine.step import DistillStep
@@ -160,11 +163,20 @@ class Run:
             print(f"resumed from {self.latest} after epoch {self.start_epoch}{within}")
         done = self.position["step"] if self.position else 0  # steps done in the epoch after start_epoch
         # every input the session reads is checked (data, checkpoint, teacher or cache): now the folder changes
-        if rt.is_main:
-            if not resume:
-                clear_run_folder(out)
-            record_session(out, cfg, self.start_epoch, rt.world_size, done)
-        self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history, done)
+        self.replaced = set_aside(out) if rt.is_main and not resume else None  # `--force`: the previous run
+        try:
+            if rt.is_main:
+                record_session(out, cfg, self.start_epoch, rt.world_size, done)
+            self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history, done)
+        except BaseException:
+            self.put_back()
+            raise
+
+    def put_back(self) -> None:
+        """After a failure before this run's first checkpoint: the run `--force` replaces returns to the folder."""
+        if self.replaced is not None:
+            put_back(self.cfg.out_path, self.replaced)
+            self.replaced = None
 
     def save(self, epoch: int, is_best: bool, position: dict[str, Any] | None = None) -> None:
         """latest.pt (and best.pt) after epoch `epoch`, and `position` in the next (`engine.elastic`); rank 0
@@ -180,6 +192,9 @@ class Run:
         if position is not None:
             state["position"] = position
         save_checkpoint(self.latest, state)
+        if self.replaced is not None:  # the first checkpoint: the run `--force` replaces may go now
+            shutil.rmtree(self.replaced)
+            self.replaced = None
         if is_best:
             save_checkpoint(self.best_path, state)
 
@@ -233,7 +248,8 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
           force: bool = False) -> list[dict[str, Any]]:
     """Train `cfg` (up to `stop_after_epoch`); return the per-epoch history. `resume` continues from
     `<out>/latest.pt` exactly; a new run into a folder that holds another is an error unless `force` (which
-    removes the old run's files, but only once every input of the new run has been checked). With
+    moves the old run's files aside once every input of the new run has been checked, puts them back if the
+    session fails before its first checkpoint, and deletes them after it). With
     `train.resume: auto` (and neither flag) a run continues its own latest.pt when there is one."""
     auto = cfg.train.resume == "auto" and not (resume or force)
     if auto:  # `auto_resume` decides below, once the runtime is up
@@ -247,7 +263,12 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         check_same_config(cfg, rt)
         if auto:  # under torchrun --max-restarts: continue this run's latest.pt, if any
             resume = decided_by_rank0(rt, lambda: auto_resume(cfg))
-        return _train(Run(cfg, rt, resume, stop_after_epoch))
+        run = Run(cfg, rt, resume, stop_after_epoch)
+        try:
+            return _train(run)
+        except BaseException:
+            run.put_back()
+            raise
     except RuntimeError as e:
         if rt.distributed and is_collective_failure(e):
             raise FastcdError(describe_failure(rt, e, cfg.train.dist_timeout_s)) from e
