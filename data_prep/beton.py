@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fastcd.data_prep.shards import read_index
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 
@@ -58,18 +58,18 @@ def image_field(write_mode: str, max_side: int, jpeg_quality: int, compress_prob
 
 
 class ShardSamples:
-    """The samples of a split's shards as an indexable dataset of (image, label) for ffcv's writer.
+    """The samples of a split's shards as an indexable dataset of (image, label) for ffcv's writer, located and
+    labelled by the split's sample table (`sample_table.COLUMNS`: no index, label or JPEG header is parsed per
+    sample, and nothing is held per sample but the table's row).
 
-    Members are read with `os.pread` on descriptors opened lazily in each process (ffcv's writer may
-    fork or spawn its workers).
+    JPEGs are read with `os.pread` on descriptors opened lazily in each process (ffcv's writer may fork or
+    spawn its workers).
     """
 
-    def __init__(self, shards: list[tuple[Path, Path]], pass_through: bool):
+    def __init__(self, tars: list[Path], table: np.ndarray, pass_through: bool):
         self.pass_through = pass_through
-        self.tars = [str(tar) for tar, _ in shards]
-        rows = [(s, e["jpg"].offset, e["jpg"].size, e["cls"].offset, e["cls"].size)
-                for s, (_, idx) in enumerate(shards) for e in read_index(idx)]
-        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 5)
+        self.tars = [str(tar) for tar in tars]
+        self.rows = table
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -84,13 +84,12 @@ class ShardSamples:
         return self._fds[shard]
 
     def __getitem__(self, i: int):
-        shard, jpg_off, jpg_size, cls_off, cls_size = (int(v) for v in self.rows[i])
-        data = os.pread(self._fd(shard), jpg_size, jpg_off)
-        label = int(os.pread(self._fd(shard), cls_size, cls_off))
-        img = Image.open(io.BytesIO(data))
+        shard, offset, length, label, height, width = (int(self.rows[i, c]) for c in (SHARD, OFFSET, LENGTH, LABEL,
+                                                                                     HEIGHT, WIDTH))
+        data = os.pread(self._fd(shard), length, offset)
         if self.pass_through:
-            return EncodedJPEG(np.frombuffer(data, np.uint8), img.width, img.height), label
-        return np.asarray(img.convert("RGB")), label
+            return EncodedJPEG(np.frombuffer(data, np.uint8), width, height), label
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), label
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fds": {}}
@@ -116,15 +115,15 @@ def _ffcv_progress(desc: str, shown: bool) -> Iterator[None]:
         ffcv.writer.tqdm = real
 
 
-def write_beton(path: Path, shards: list[tuple[Path, Path]], *, write_mode: str, max_side: int,
+def write_beton(path: Path, tars: list[Path], table: np.ndarray, *, write_mode: str, max_side: int,
                 jpeg_quality: int, compress_probability: float, workers: int, progress: bool = True,
                 desc: str = "beton") -> int:
-    """Write `path` (a temporary name; the caller renames it) from the shards; return the sample count.
-    `progress` shows ffcv's progress bar, labelled `desc`."""
+    """Write `path` (a temporary name; the caller renames it) from the shards `tars` and their sample `table`;
+    return the sample count. `progress` shows ffcv's progress bar, labelled `desc`."""
     from ffcv.fields import IntField
     from ffcv.writer import DatasetWriter
 
-    dataset = ShardSamples(shards, pass_through=write_mode == "jpg")
+    dataset = ShardSamples(tars, table, pass_through=write_mode == "jpg")
     try:
         fields = {"image": image_field(write_mode, max_side, jpeg_quality, compress_probability),
                   "label": IntField()}

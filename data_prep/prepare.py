@@ -181,20 +181,21 @@ def _compact(record: dict) -> dict:
     return record
 
 
-def _beton(split: str, out: Path, state: RunState, records: list[dict], opts: dict, workers: int,
-           progress: bool) -> dict:
-    """Write (or keep, when resuming) OUT/<split>.beton from the split's shards; return its record.
+def _beton(split: str, out: Path, state: RunState, records: list[dict], table: np.ndarray, opts: dict,
+           workers: int, progress: bool) -> dict:
+    """Write (or keep, when resuming) OUT/<split>.beton from the split's non-empty shards (`records`) and their
+    sample `table`; return its record.
 
     A `.beton` kept from an earlier run must hash as recorded and come from shards with the same sha256s.
     """
     path = out / f"{split}.beton"
-    made_from = hashlib.sha256(" ".join(r["sha256"] for r in records if r["num_samples"]).encode()).hexdigest()
+    made_from = hashlib.sha256(" ".join(r["sha256"] for r in records).encode()).hexdigest()
     record = state.load(f"{split}.beton", path)
     if record is not None and record["made_from"] == made_from and sha256_file(path) == record["sha256"]:
         return record
-    shards = [(r["tar"], r["index"]) for r in records if r["num_samples"]]
     with atomic_path(path) as tmp:
-        write_beton(tmp, shards, write_mode=opts["ffcv_write_mode"], max_side=opts["max_side"],
+        write_beton(tmp, [r["tar"] for r in records], table, write_mode=opts["ffcv_write_mode"],
+                    max_side=opts["max_side"],
                     jpeg_quality=opts["jpeg_quality"], compress_probability=opts["ffcv_compress_probability"],
                     workers=workers, progress=progress, desc=path.name)
         record = {"num_samples": sum(r["num_samples"] for r in records), "sha256": sha256_file(tmp),
@@ -235,18 +236,20 @@ def _prepare_split(split: SplitSource, classes: list[str], out: Path, state: Run
     if not any(r["num_samples"] for r in records):
         raise _no_samples(split.name, skipped)
     present = {int(label) for r in records for label in r["classes"]}
+    nonempty = [r for r in records if r["num_samples"]]
+    # the split's sample table, which the .beton is written from too; records of an earlier fastcd lack labels
+    # and sizes: read from the shard then
+    rows = np.concatenate([shard_rows(s, r["tar"], r["index"], r.get("labels"), r.get("sizes"))
+                           for s, r in enumerate(nonempty)])
     beton = {"beton": None, "beton_sha256": None, "beton_bytes": None}
     if "ffcv" in formats:
-        record = _beton(split.name, out, state, records, opts, pool.workers, progress)
+        record = _beton(split.name, out, state, nonempty, rows, opts, pool.workers, progress)
         beton = {"beton": f"{split.name}.beton", "beton_sha256": record["sha256"], "beton_bytes": record["bytes"]}
-    written = [r for r in records if r["num_samples"]] if "dali" in formats else []
+    written = nonempty if "dali" in formats else []
     shards = [{"tar": str(r["tar"].relative_to(out)), "index": str(r["index"].relative_to(out)),
                "num_samples": r["num_samples"], "first_key": r["first_key"], "sha256": r["sha256"],
                "bytes": r["bytes"]} for r in written]
-    table = {}
-    if written:  # records of an earlier fastcd lack labels and sizes: read from the shard then
-        rows = [shard_rows(s, r["tar"], r["index"], r.get("labels"), r.get("sizes")) for s, r in enumerate(written)]
-        table = {"samples": write_table(out, split.name, np.concatenate(rows))}
+    table = {"samples": write_table(out, split.name, rows)} if written else {}
     entry = {"num_samples": sum(r["num_samples"] for r in records), **beton, "shards": shards, **table,
              "skipped": skipped, "repaired": [x for r in records for x in r["repaired"]],
              "empty_classes": [c for i, c in enumerate(classes) if i not in present],
