@@ -79,7 +79,7 @@ def setup_runtime(config: Config) -> Runtime:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    check = [KernelCheck(cfg.channels_last, amp, "not checked on CUDA")]
+    check = [KernelCheck(cfg.channels_last, amp, f"not checked on {device.type}")]
     if device.type == "cpu":
         if rank == 0:
             check = [check_kernels(config, amp)]
