@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fastcd.config import Config, load_config
 from fastcd.engine import kernel_check
 from fastcd.engine.kernel_check import check_kernels, conv_specs, known_bad
 from fastcd.engine.trainer import train
 from fastcd.paths import configs_dir
+from tests.conftest import tiny_dict
 
 FAKE_PROBE = """
 import os, signal, time
@@ -128,3 +130,26 @@ def test_the_48px_width_eighth_baseline_falls_back_trains_and_matches_contiguous
     train(contiguous)
     assert session_kernels(contiguous)["candidates"][0]["result"] == "reference"
     assert first_step_loss(cfg) == first_step_loss(contiguous)
+
+
+def test_without_the_known_bad_list_the_real_probe_decides_and_the_run_trains(tmp_path, monkeypatch, capsys):
+    """The real probe on the real kernels: on the 2-core AVX-512 machine it segfaults on oneDNN 6035's shape
+    and the run falls back; on a CPU whose kernel is right it passes. Either way the run trains."""
+    monkeypatch.setattr(kernel_check, "known_bad", lambda spec: "")
+    cfg = baseline_48px(tmp_path / "probed")
+    assert train(cfg)[-1]["val_top1_err"] is not None
+    first = session_kernels(cfg)["candidates"][0]
+    assert first["result"] in ("passed", "crashed", "hung", "mismatch")
+    assert session_kernels(cfg)["channels_last"] is (first["result"] == "passed")
+    assert len(kernel_lines(capsys.readouterr().out)) == 1
+
+
+def test_the_cpu_layouts_benchmark_times_both_layouts(tmp_path):
+    from fastcd.bench.cpu_layouts import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(str(tmp_path / "run"))))
+    main([str(config), "--pairs", "1", "--out", str(tmp_path / "results"), "--set", *WIDE])
+    (result,) = json.loads(next((tmp_path / "results").glob("*-cpu-layouts.json")).read_text())
+    assert result["channels_last_ms"] > 0 and result["contiguous_ms"] > 0 and result["pairs"] == 1
+    assert "commit" in result and result["images"] == [32, 3, 16, 16]
