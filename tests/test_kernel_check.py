@@ -31,6 +31,7 @@ FAULTS = {  # what the fake kernel of each test does wrong
     "segfault": "if channels_last: os.kill(os.getpid(), signal.SIGSEGV)",
     "hang": "if channels_last: time.sleep(60)",
     "bf16": "if amp == 'bf16': out['out'] = out['out'] * 2",
+    "folded": "if channels_last and conv['bias']: out['out'] = out['out'] + 1",
 }
 WIDE = ("student.width=0.25", "teacher.width=0.25")  # 16 channels in the first stage: no known-bad shape
 
@@ -81,6 +82,15 @@ def test_a_wrong_bf16_kernel_falls_back_to_fp32(tiny_config, fake_probe):
     check = check_kernels(tiny_config(*WIDE), "bf16")
     assert (check.channels_last, check.amp) == (False, "fp32")
     assert [c.result for c in check.candidates] == ["mismatch", "mismatch", "reference"]
+
+
+def test_the_folded_teachers_convolutions_are_checked_with_their_bias(tiny_config, fake_probe):
+    cfg = tiny_config(*WIDE, "teacher.bn_mode=eval", "teacher.fold_bn=true")
+    assert any(s.bias and not s.backward for s in conv_specs(cfg))
+    assert not any(s.bias for s in conv_specs(tiny_config(*WIDE)))
+    fake_probe("folded")
+    check = check_kernels(cfg, "fp32")
+    assert not check.channels_last and "forward-only" in check.candidates[0].detail
 
 
 def test_a_hanging_check_falls_back(tiny_config, fake_probe, monkeypatch):

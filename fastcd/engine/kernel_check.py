@@ -59,6 +59,7 @@ class ConvSpec:
     backward: bool
 
     def describe(self) -> str:
+        """E.g. 'trained 1x1 conv 8->16 stride 2 at 48x48'."""
         kind = "trained" if self.backward else "forward-only"
         return (f"{kind} {self.kernel[0]}x{self.kernel[1]} conv {self.in_channels}->{self.out_channels} stride "
                 f"{self.stride[0]} at {self.height}x{self.width}")
@@ -75,6 +76,7 @@ class Candidate:
 
     @property
     def name(self) -> str:
+        """E.g. 'channels_last bf16'."""
         return f"{'channels_last' if self.channels_last else 'contiguous'} {self.amp}"
 
 
@@ -89,6 +91,7 @@ class KernelCheck:
     cached: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        """Plain values, as run.json records them."""
         return dataclasses.asdict(self)
 
     def line(self) -> str:
