@@ -91,7 +91,7 @@ def _endless(loader: BatchLoader, cfg: Config, cache: CacheReader | None,
 
 def _build_step(cfg: Config, cuda_graphs: bool) -> tuple[DistillStep, BatchLoader]:
     """The training step of `cfg` (as `fastcd train` builds it) and its train loader."""
-    rt = setup_runtime(cfg.train)
+    rt = setup_runtime(cfg)
     seed_everything(cfg.train.seed)
     loader = build_loader(cfg.data, "train", loader_context(cfg, rt))
     if len(loader) == 0:

@@ -23,6 +23,18 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_check_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The CPU kernel checks' verdicts (`fastcd.engine.kernel_check`) go to a folder of this session, not the
+    user's cache: the first run of a shape checks it, the others read the verdict."""
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
 CD_GKD_EDT = [
     {"loss_name": "CELoss", "loss_type": "ce_family", "loss_rate_decay": "lrdv2"},
     {"loss_name": "KDLossv2", "T": 2, "loss_type": "kdv2_family", "loss_rate_decay": "lrdv2"},

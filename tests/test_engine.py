@@ -262,7 +262,7 @@ def test_a_step_keeps_no_stage_map_alive(tiny_config):
     from fastcd.engine.trainer import build_step, loss_weights
 
     cfg = tiny_config()
-    model, step = build_step(cfg, setup_runtime(cfg.train), steps_per_epoch=4)
+    model, step = build_step(cfg, setup_runtime(cfg), steps_per_epoch=4)
     step.set_weights(loss_weights(cfg, cfg.train.epochs))
     refs = []
     for module in (model.student.layer1, model.student.layer4, step.teacher.layer2, model.connectors["0"]):

@@ -136,7 +136,7 @@ def test_each_rank_reads_the_targets_of_its_own_crops(tmp_path: Path, teacher: s
     assert main(["cache-teacher", str(src), "--dtype", "fp32", "--out", str(cache)]) == 0
     cfg = config_from_dict(yaml.safe_load(src.read_text()))
     reader, cpu = CacheReader(cache), torch.device("cpu")
-    live = build_teacher(cfg.teacher, cpu, channels_last=False)
+    live = build_teacher(cfg.teacher, cpu, torch.contiguous_format)
     shares = []
     for rank in (0, 1):
         loader = build_loader(cfg.data, "train", loader_context(cfg, Runtime(cpu, rank, rank, world_size=2)))

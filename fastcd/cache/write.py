@@ -88,7 +88,7 @@ def write_cache(cfg: Config, out: Path, epochs: int, contents: Contents, force: 
                           "so they cannot be stored; use bn_mode eval")
     if epochs < 1:
         raise FastcdError(f"--epochs must be at least 1, got {epochs}")
-    rt = setup_runtime(cfg.train)
+    rt = setup_runtime(cfg)
     if rt.distributed:
         raise FastcdError("fastcd cache-teacher runs in one process; start it without torchrun")
     seed_everything(cfg.train.seed)
@@ -142,7 +142,7 @@ def _write_epochs(cfg: Config, rt: Runtime, loader: BatchLoader, out: Path, mani
                   contents: Contents) -> None:
     """The teacher's targets of every epoch of `manifest` not yet done, each recorded as done once renamed."""
     epochs = manifest["epochs"]
-    teacher = build_teacher(cfg.teacher, rt.device, cfg.train.channels_last)
+    teacher = build_teacher(cfg.teacher, rt.device, rt.memory_format)
     bar = tqdm(total=len(loader) * epochs, desc=f"cache-teacher {cfg.name}", unit="batch", dynamic_ncols=True,
                disable=not cfg.train.progress)
     start, crops = time.perf_counter(), 0

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from fastcd.config import add_set_argument, load_config
 from fastcd.data import build_loader
 from fastcd.engine.distributed import teardown
@@ -28,11 +26,11 @@ def run(args: argparse.Namespace) -> int:
     if s["num_classes"] != cfg.student.num_classes:
         raise FastcdError(f"{args.checkpoint} has {s['num_classes']} classes, the config's student.num_classes is "
                           f"{cfg.student.num_classes}: give the config the checkpoint was trained with")
-    rt = setup_runtime(cfg.train)
+    rt = setup_runtime(cfg)
     try:
         model = build_resnet(s["arch"], s["num_classes"], s["stem"], s["width"])
         model.load_state_dict(ckpt["model"])
-        model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+        model.to(rt.device, memory_format=rt.memory_format)
         ctx = loader_context(cfg, rt)
         result = evaluate(model, build_loader(cfg.data, "val", ctx), rt, cfg.data.flip_tta)
     finally:

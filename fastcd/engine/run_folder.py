@@ -2,7 +2,8 @@
 
 `config.yaml` is the resolved config (every default and override applied); `run.json` lists each session
 that trained in the folder (the first run and every resume): date, git commit, machine, library versions,
-command line and the epoch it started from.
+command line, the epoch it started from, and the CPU kernel check's verdict (`kernels`: the memory format and
+autocast dtype the session ran, and why).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 import yaml
 
 from fastcd.config import Config
+from fastcd.engine.runtime import Runtime
 from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_write_bytes, atomic_write_json, check_dir_possible
 from fastcd.utils.machine import machine_info
@@ -109,13 +111,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def record_session(out: Path, cfg: Config, start_epoch: int, world_size: int, start_step: int = 0) -> None:
-    """Write `config.yaml` and append this session (machine, commit, versions, command; where it started: after
-    epoch `start_epoch`, `start_step` steps into the next) to `run.json`."""
+def record_session(out: Path, cfg: Config, start_epoch: int, rt: Runtime, start_step: int = 0) -> None:
+    """Write `config.yaml` and append this session (machine, commit, versions, command, kernels; where it started:
+    after epoch `start_epoch`, `start_step` steps into the next) to `run.json`."""
     atomic_write_bytes(out / "config.yaml", _resolved(cfg).encode())
     sessions: list[dict[str, Any]] = []
     if (start_epoch or start_step) and (out / "run.json").is_file():
         sessions = json.loads((out / "run.json").read_text())["sessions"]
     sessions.append({**machine_info(), "libraries": library_versions(), "command": sys.argv,
-                     "world_size": world_size, "start_epoch": start_epoch, "start_step": start_step})
+                     "world_size": rt.world_size, "start_epoch": start_epoch, "start_step": start_step,
+                     "kernels": rt.kernel_check.to_json() if rt.kernel_check is not None else None})
     atomic_write_json(out / "run.json", {"name": cfg.name, "sessions": sessions})

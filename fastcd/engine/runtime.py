@@ -1,4 +1,4 @@
-"""Where a run executes: device, process group (torchrun), precision, seeding."""
+"""Where a run executes: device, process group (torchrun), precision, memory format, seeding."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +11,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastcd.config import Config, TrainConfig
+from fastcd.config import Config
 from fastcd.data import LoaderContext
+from fastcd.engine.kernel_check import KernelCheck, check_kernels
 from fastcd.errors import FastcdError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -20,7 +21,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 @dataclass
 class Runtime:
-    """The resolved device, rank layout and autocast dtype of a run."""
+    """The resolved device, rank layout, autocast dtype and memory format of a run (`kernel_check`: why)."""
 
     device: torch.device
     rank: int = 0
@@ -28,6 +29,13 @@ class Runtime:
     world_size: int = 1
     amp_dtype: torch.dtype = torch.float32
     owns_group: bool = False  # this run joined the process group (and leaves it: distributed.teardown)
+    channels_last: bool = True
+    kernel_check: KernelCheck | None = None
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The format every model and batch of the run is in."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     @property
     def is_main(self) -> bool:
@@ -44,9 +52,11 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_runtime(cfg: TrainConfig) -> Runtime:
+def setup_runtime(config: Config) -> Runtime:
     """Resolve `train.device`/`train.amp`; join the torchrun process group (NCCL on GPU, gloo on CPU), whose
-    collectives give up after `train.dist_timeout_s`."""
+    collectives give up after `train.dist_timeout_s`. On a CPU, the memory format and autocast dtype are those
+    `check_kernels` found right for the run's convolutions on this machine (decided by rank 0, one line said)."""
+    cfg = config.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = cfg.device
@@ -69,7 +79,15 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_s))
-    return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[amp], owns)
+    check = [KernelCheck(cfg.channels_last, amp, f"not checked on {device.type}")]
+    if device.type == "cpu":
+        if rank == 0:
+            check = [check_kernels(config, amp)]
+            print(check[0].line(), flush=True)
+        if world_size > 1:
+            dist.broadcast_object_list(check, src=0)
+    return Runtime(device, rank, local_rank, world_size, AMP_DTYPES[check[0].amp], owns, check[0].channels_last,
+                   check[0])
 
 
 def is_main_process() -> bool:
@@ -86,5 +104,5 @@ def seed_everything(seed: int) -> None:
 
 def loader_context(cfg: Config, rt: Runtime) -> LoaderContext:
     """Where and how the run's loaders deliver: its device, autocast dtype, layout, classes, rank and seed."""
-    return LoaderContext(rt.device, rt.amp_dtype, cfg.train.channels_last, cfg.student.num_classes, rt.rank,
+    return LoaderContext(rt.device, rt.amp_dtype, rt.channels_last, cfg.student.num_classes, rt.rank,
                          rt.world_size, cfg.train.seed)

@@ -60,9 +60,9 @@ def build_models(cfg: Config, rt: Runtime,
     t = cfg.teacher
     model = StudentWithConnectors(student, stage_channels(t) if t is not None else None,
                                   connector_stages if t is not None else ())
-    model.to(rt.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
+    model.to(rt.device, memory_format=rt.memory_format)
     # the teacher last: with or without it (a teacher cache), the trained modules start from the same draws
-    teacher = build_teacher(t, rt.device, cfg.train.channels_last) if t is not None and not t.cache else None
+    teacher = build_teacher(t, rt.device, rt.memory_format) if t is not None and not t.cache else None
     return model, teacher
 
 
@@ -166,7 +166,7 @@ class Run:
         self.replaced = set_aside(out) if rt.is_main and not resume else None  # `--force`: the previous run
         try:
             if rt.is_main:
-                record_session(out, cfg, self.start_epoch, rt.world_size, done)
+                record_session(out, cfg, self.start_epoch, rt, done)
             self.log = MetricsLog(cfg, rt.is_main, self.start_epoch, self.steps, self.history, done)
         except BaseException:
             self.put_back()
@@ -258,7 +258,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
         check_run_folder(cfg, resume, force)
     if cfg.train.tensorboard:
         require_tensorboard()
-    rt = setup_runtime(cfg.train)
+    rt = setup_runtime(cfg)
     try:
         check_same_config(cfg, rt)
         if auto:  # under torchrun --max-restarts: continue this run's latest.pt, if any

@@ -85,9 +85,10 @@ def stage_channels(cfg: TeacherConfig) -> list[int]:
         return build_resnet(cfg.arch, cfg.num_classes, cfg.stem, cfg.width).stage_channels
 
 
-def build_teacher(cfg: TeacherConfig, device: torch.device, channels_last: bool) -> FeatureResNet:
-    """The frozen teacher of `cfg` (weights loaded, BatchNorm as `bn_mode` says, folded if asked) on `device`."""
+def build_teacher(cfg: TeacherConfig, device: torch.device, memory_format: torch.memory_format) -> FeatureResNet:
+    """The frozen teacher of `cfg` (weights loaded, BatchNorm as `bn_mode` says, folded if asked) on `device`, in
+    `memory_format`."""
     teacher = freeze(load_teacher(cfg), cfg.bn_mode)
     if cfg.fold_bn:
         teacher = fold_batchnorm(teacher)
-    return teacher.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return teacher.to(device, memory_format=memory_format)
