@@ -14,13 +14,14 @@ of its own), measured from outside:
 - the disk its output folder grew by (allocated blocks).
 
 Stages: `scan` (listing the source, `open_source`), `prepare` (both formats), `rerun` (the same command with
-nothing to do), `verify`, `rehash`, `resume` (a fresh `prepare` killed with SIGKILL halfway, then run again: the
-resumed run's cost, and its output checked equal to the uninterrupted one), `loaders` (torch workers, the
+nothing to do), `verify`, `rehash`, `resume` (a fresh `prepare` killed with SIGKILL at 30% of its time, then run
+again: the resumed run's cost, and its output checked equal to the uninterrupted one), `loaders` (torch workers, the
 device feed's host side, dali and ffcv: the epoch's setup, `set_epoch` to the first batch, for epoch 0 and 1;
 img/s over up to `--loader-images` images of an epoch; and at 8 and 64 simulated ranks, rank 0's setup and
 memory), `cache-teacher` (one epoch, a tiny ResNet-34 teacher; then reading the cache back in training order),
-`train` (`checkpoint_every_steps`: killed after its first mid-epoch checkpoint, resumed with `--resume`: the time
-to its first new step; the checkpoint's size and write time) and `eval` (over the whole val split).
+`train` (`checkpoint_every_steps`: killed after its first mid-epoch checkpoint, resumed with `fastcd train
+--resume`: the time to its first new step; the checkpoint's size and write time) and `eval` (over the whole val
+split).
 
 Once, independent of the size: `prepare` of `--photo-images` photo-like JPEGs of ImageNet's sizes at max sides
 256, 400 and 512 (time and CPU time per image, bytes per image of each format), for `docs/scale.md`'s projection.
@@ -46,6 +47,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastcd.errors import FastcdError
+from fastcd.utils.atomic import atomic_write_json
 from fastcd.utils.results import add_out_argument, record
 
 STAGES = ("scan", "prepare", "rerun", "verify", "rehash", "resume", "loaders", "cache-teacher", "train", "eval")
@@ -54,8 +56,9 @@ RANKS = (1, 8, 64)
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "fastcd-scale"
 RESULT = "SCALE-RESULT "  # the line a child stage prints its measurements on
 POLL_S = 0.25
+KILL_AT = 0.3  # the resume stage kills a fresh prepare at this share of the uninterrupted one's time
 BATCH = 256
-MAX_SIDES = (256, 400, 512)  # `prepare --max-side` values the photo-like measurement compares
+MAX_SIDES = (256, 400, 512)  # `fastcd prepare --max-side` values the photo-like measurement compares
 RES = 16  # training and validation resolution of the loader, cache, train and eval stages
 
 
@@ -141,9 +144,11 @@ def run_stage(argv: list[str], log: Path, *, disk: Path | None = None,
     return result, log.read_text(errors="replace"), code
 
 
-def fastcd(*args: str) -> list[str]:
-    """The command line of `fastcd ARGS` in this interpreter."""
-    return [sys.executable, "-m", "fastcd.cli", *args]
+def fastcd(line: str, **values: object) -> list[str]:
+    """The command line `line` (`fastcd ...`, its `{name}` words replaced by `values`, one argument each: paths
+    may hold spaces) in this interpreter."""
+    words = [str(values[w[1:-1]]) if w.startswith("{") else w for w in line.split()]
+    return [sys.executable, "-m", "fastcd.cli", *words[1:]]
 
 
 def _child_result(output: str) -> dict:
@@ -178,14 +183,15 @@ class Rehearsal:
             raise _failed(stage, output, code)
         return {**asdict(usage), **_child_result(output)}, output
 
-    def prepare_argv(self, out: Path, *extra: str) -> list[str]:
-        return fastcd("prepare", str(self.src), str(out), "--labels", str(self.labels), "--quiet",
-                      "--workers", str(self.workers), *extra)
+    def prepare_argv(self, out: Path, rehash: bool = False) -> list[str]:
+        line = ("fastcd prepare {src} {out} --labels {labels} --quiet --workers {workers} --rehash" if rehash
+                else "fastcd prepare {src} {out} --labels {labels} --quiet --workers {workers}")
+        return fastcd(line, src=self.src, out=out, labels=self.labels, workers=self.workers)
 
     def child_argv(self, kind: str, **spec: object) -> list[str]:
         spec = {"kind": kind, "src": str(self.src), "labels": str(self.labels), "out": str(self.out),
                 "workers": self.workers, "images": self.loader_images, "batch": self.batch, **spec}
-        return fastcd("bench", "scale", "--child", json.dumps(spec))
+        return fastcd("fastcd bench scale --child {spec}", spec=json.dumps(spec))
 
     def scan(self) -> None:
         self.rows["scan"] = self.measured("scan", self.child_argv("scan"))[0]
@@ -198,16 +204,17 @@ class Rehearsal:
         self.rows["rerun"] = self.measured("rerun", self.prepare_argv(self.out))[0]
 
     def verify(self) -> None:
-        self.rows["verify"] = self.measured("verify", fastcd("prepare", "--verify", str(self.out)))[0]
+        self.rows["verify"] = self.measured("verify", fastcd("fastcd prepare --verify {out}", out=self.out))[0]
 
     def rehash(self) -> None:
-        self.rows["rehash"] = self.measured("rehash", self.prepare_argv(self.out, "--rehash"))[0]
+        self.rows["rehash"] = self.measured("rehash", self.prepare_argv(self.out, rehash=True))[0]
 
     def resume(self) -> None:
-        """A fresh prepare killed at half the uninterrupted run's time, then run again to the end."""
+        """A fresh prepare killed (SIGKILL, its whole session) at `KILL_AT` of the uninterrupted run's time, then
+        run again to the end."""
         other = self.root / "prepared-resumed"
         shutil.rmtree(other, ignore_errors=True)
-        deadline = time.perf_counter() + self.rows["prepare"]["seconds"] / 2
+        deadline = time.perf_counter() + self.rows["prepare"]["seconds"] * KILL_AT
         killed, _ = self.measured("resume-killed", self.prepare_argv(other), disk=other,
                                   stop_when=lambda: time.perf_counter() > deadline, killed=True)
         row, _ = self.measured("resume", self.prepare_argv(other), disk=other)
@@ -251,8 +258,8 @@ class Rehearsal:
     def cache_teacher(self) -> None:
         cache = self.work / "cache"
         shutil.rmtree(cache, ignore_errors=True)
-        row = self.measured("cache-teacher", fastcd("cache-teacher", str(self.config()), "--epochs", "1",
-                                                      "--out", str(cache)), disk=cache)[0]
+        row = self.measured("cache-teacher", fastcd("fastcd cache-teacher {cfg} --epochs 1 --out {cache}",
+                                                      cfg=self.config(), cache=cache), disk=cache)[0]
         row["bytes_per_sample"] = round(row["disk_mib"] * 2**20 / self._train_samples(), 1)
         self.rows["cache-teacher"] = row
         self.rows["cache read"] = self.measured("cache-read", self.child_argv(
@@ -268,14 +275,14 @@ class Rehearsal:
         shutil.rmtree(run, ignore_errors=True)
         latest = run / "latest.pt"
         stepped = _Seen(lambda: any(True for _ in _steps(run)))
-        first, _ = self.measured("train", fastcd("train", str(cfg)),
+        first, _ = self.measured("train", fastcd("fastcd train {cfg}", cfg=cfg),
                                  stop_when=lambda: stepped() and latest.is_file(), killed=True)
         if not latest.is_file():
             raise FastcdError(f"stage train ended before its first checkpoint; see {self.work / 'train.log'}")
         first["first_step_s"] = stepped.after
         done = max(_steps(run))
         resumed = _Seen(lambda: max(_steps(run), default=0) > done)
-        row, _ = self.measured("train-resume", fastcd("train", str(cfg), "--resume"), stop_when=resumed,
+        row, _ = self.measured("train-resume", fastcd("fastcd train {cfg} --resume", cfg=cfg), stop_when=resumed,
                                killed=True)
         if resumed.after is None:
             raise FastcdError(f"stage train-resume made no step; see {self.work / 'train-resume.log'}")
@@ -286,8 +293,9 @@ class Rehearsal:
 
     def eval(self) -> None:
         checkpoint = self.work / "run" / "latest.pt"
-        self.rows["eval"] = self.measured("eval", fastcd("eval", str(self.config(self.work / "cache")),
-                                                         "--checkpoint", str(checkpoint)))[0]
+        self.rows["eval"] = self.measured("eval", fastcd("fastcd eval {cfg} --checkpoint {checkpoint}",
+                                                         cfg=self.config(self.work / "cache"),
+                                                         checkpoint=checkpoint))[0]
 
 
 def photo_costs(root: Path, images: int, workers: int) -> list[dict]:
@@ -302,10 +310,11 @@ def photo_costs(root: Path, images: int, workers: int) -> list[dict]:
     for side in MAX_SIDES:
         out = work / f"out-{side}"
         shutil.rmtree(out, ignore_errors=True)
-        argv = fastcd("prepare", str(src), str(out), "--max-side", str(side), "--quiet", "--workers", str(workers))
+        argv = fastcd("fastcd prepare {src} {out} --max-side {side} --quiet --workers {workers}", src=src, out=out,
+                      side=side, workers=workers)
         usage, output, code = run_stage(argv, work / f"prepare-{side}.log", disk=out)
         if code != 0:
-            raise _failed(f"photo prepare --max-side {side}", output, code)
+            raise _failed(f"photo-like fastcd prepare --max-side {side}", output, code)
         split = json.loads((out / "manifest.json").read_text())["splits"]["train"]
         n = split["num_samples"]
         rows.append({"max_side": side, "images": n, **asdict(usage),
@@ -573,7 +582,11 @@ def run(args: argparse.Namespace) -> int:
         rehearsal = Rehearsal(root, fraction, args.workers, args.loader_images, args.loaders, args.ranks, args.batch)
         for stage in args.stages:
             before = set(rehearsal.rows)
-            getattr(rehearsal, stage.replace("-", "_"))()
+            try:
+                getattr(rehearsal, stage.replace("-", "_"))()
+            except FastcdError as e:  # recorded as the stage's row; the stages after it that need it fail too
+                rehearsal.rows.setdefault(stage, {"failed": str(e)})
+            atomic_write_json(root / "rows.json", rehearsal.rows)  # what a size measured so far, kept
             for name in [n for n in rehearsal.rows if n not in before]:
                 row = rehearsal.rows[name]
                 shown = (f"{row['seconds']:.1f} s, CPU {row['cpu_seconds']:.1f} s, own {row['own_peak_mib']:.0f} MiB"
