@@ -280,7 +280,8 @@ class Rehearsal:
         if not latest.is_file():
             raise FastcdError(f"stage train ended before its first checkpoint; see {self.work / 'train.log'}")
         first["first_step_s"] = stepped.after
-        done = max(_steps(run))
+        done = _checkpoint_step(latest)
+        _drop_steps_after(run / "metrics.jsonl", done)  # as the resumed run does: a later record is then its own
         resumed = _Seen(lambda: max(_steps(run), default=0) > done)
         row, _ = self.measured("train-resume", fastcd("fastcd train {cfg} --resume", cfg=cfg), stop_when=resumed,
                                killed=True)
@@ -336,6 +337,20 @@ def _steps(run: Path) -> Iterator[int]:
             r = json.loads(line)
             if r.get("kind") == "step":
                 yield int(r["step"])
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step (of its epoch) a mid-epoch checkpoint was written at."""
+    from fastcd.utils.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path)["position"]["step"])
+
+
+def _drop_steps_after(path: Path, step: int) -> None:
+    """Keep the step records of `path` up to `step` (the others are logged again by a run resumed there)."""
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if json.loads(line).get("kind") != "step" or json.loads(line)["step"] <= step]
+    path.write_text("".join(kept))
 
 
 class _Seen:

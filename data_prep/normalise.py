@@ -166,8 +166,11 @@ def _read(path: str) -> bytes | str:
             return f"file of {info.st_size} bytes, more than the {MAX_FILE_BYTES} read for one image"
         if kind is None:
             with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # still the file seen by stat
-                    return f.read(MAX_FILE_BYTES + 1)
+                now = os.fstat(f.fileno())
+                if stat.S_ISREG(now.st_mode):  # still the file seen by stat
+                    # sized by the file: a read of MAX_FILE_BYTES + 1 allocates (maps and unmaps) a 1 GiB buffer
+                    # for each file, 35 µs of the 60 a small file takes to hash
+                    return f.read(min(now.st_size, MAX_FILE_BYTES) + 1)
         return f"not a regular file ({kind or 'replaced while being read'})"
     except OSError as e:
         return f"cannot read file ({e.strerror})"

@@ -59,13 +59,27 @@ def _check(formats: Sequence[str], max_side: int, jpeg_quality: int, workers: in
             raise FastcdError(message)
 
 
+DIGEST_CHUNK = 65536  # samples hashed at a time (the text is never built whole: 50 MB at ImageNet's size)
+
+
 def _digest(options: dict, source: Source) -> str:
-    """Identity of a run's output: options that change bytes, class names and the sample listing."""
+    """Identity of a run's output: options that change bytes, class names and the sample listing.
+
+    The listing's bytes are those it always had: the names joined by newlines, then the labels as the text of
+    a Python list (`[3, 0, 7]`); hashed a chunk at a time."""
     sha = hashlib.sha256(json.dumps([options, source.classes], sort_keys=True).encode())
     for name, split in source.splits.items():
         sha.update(f"\0{name}\0".encode())
-        sha.update("\n".join(split.names).encode())
-        sha.update(bytes(str(split.labels.tolist()), "ascii"))  # as the digest of a list of labels always was
+        n = len(split.names)
+        for lo in range(0, n, DIGEST_CHUNK):
+            names = (split.names[i] for i in range(lo, min(n, lo + DIGEST_CHUNK)))
+            sha.update(("\n" if lo else "").encode() + "\n".join(names).encode())
+        labels = np.asarray(split.labels)
+        sha.update(b"[")
+        for lo in range(0, len(labels), DIGEST_CHUNK):
+            chunk = labels[lo:lo + DIGEST_CHUNK].tolist()
+            sha.update(((", " if lo else "") + ", ".join(map(str, chunk))).encode())
+        sha.update(b"]")
     return sha.hexdigest()
 
 

@@ -26,6 +26,7 @@ from fastcd.data_prep.shards import read_index, sample_key, sha256_file
 from fastcd.errors import FastcdError
 
 DECODE_SAMPLES = 8
+DALI_SHARDS = 128  # shards one DALI reader opens at a time in `_check_dali`
 
 
 def _fail(out: Path, where: str, problem: str) -> FastcdError:
@@ -43,7 +44,7 @@ def _reading(out: Path, where: str) -> Iterator[None]:
         raise _fail(out, where, f"cannot be read ({type(e).__name__}: {e})") from e
 
 
-def _check_shard(out: Path, shard: dict, num_classes: int) -> list[int]:
+def _check_shard(out: Path, shard: dict, num_classes: int) -> np.ndarray:
     """Check one shard; return its labels in sample order."""
     tar_path, name = out / shard["tar"], shard["tar"]
     if sha256_file(tar_path) != shard["sha256"]:
@@ -72,7 +73,7 @@ def _check_shard(out: Path, shard: dict, num_classes: int) -> list[int]:
             labels.append(label)
     if len(members) != 2 * len(index):
         raise _fail(out, name, f"{len(members)} members, expected {2 * len(index)}")
-    return labels
+    return np.array(labels, dtype=np.int64)
 
 
 @contextlib.contextmanager
@@ -97,7 +98,7 @@ def _numba_finalizer_noise_hidden() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
-def _check_beton(out: Path, beton: str, sha256: str, labels: list[int] | None, count: int) -> None:
+def _check_beton(out: Path, beton: str, sha256: str, labels: np.ndarray | None, count: int) -> None:
     if sha256_file(out / beton) != sha256:
         raise _fail(out, beton, "sha256 differs from the manifest")
     from ffcv.fields.basics import IntDecoder
@@ -108,9 +109,9 @@ def _check_beton(out: Path, beton: str, sha256: str, labels: list[int] | None, c
     reader = Reader(str(out / beton))
     if reader.num_samples != count:
         raise _fail(out, beton, f"{reader.num_samples} samples, manifest says {count}")
-    beton_labels = reader.metadata["f1"].astype(np.int64).tolist()
-    if labels is not None and beton_labels != labels:
-        first = next(i for i, (a, b) in enumerate(zip(beton_labels, labels)) if a != b)
+    beton_labels = reader.metadata["f1"].astype(np.int64)
+    if labels is not None and not np.array_equal(beton_labels, labels):
+        first = int(np.flatnonzero(beton_labels != labels)[0])
         raise _fail(out, beton, f"label of sample {first} is {beton_labels[first]}, the shards say {labels[first]}")
     picks = np.linspace(0, count - 1, min(DECODE_SAMPLES, count)).astype(int).tolist()
     with _numba_finalizer_noise_hidden():
@@ -119,11 +120,24 @@ def _check_beton(out: Path, beton: str, sha256: str, labels: list[int] | None, c
                                                   "label": [IntDecoder()]})
         images, got = next(iter(loader))
         del loader
-    if images.shape != (len(picks), 32, 32, 3) or got.reshape(-1).tolist() != [beton_labels[i] for i in picks]:
+    if images.shape != (len(picks), 32, 32, 3) or got.reshape(-1).tolist() != beton_labels[picks].tolist():
         raise _fail(out, beton, "ffcv's Loader did not return the expected images and labels")
 
 
-def _check_dali(out: Path, split: str, shards: list[dict], labels: list[int]) -> None:
+def _check_dali(out: Path, split: str, shards: list[dict], labels: np.ndarray) -> None:
+    """DALI's webdataset reader reads the shards, `DALI_SHARDS` at a time (it holds an index entry, about 340
+    bytes, per sample it opens): the sample counts and each chunk's first batch of images and labels."""
+    first = 0
+    for lo in range(0, len(shards), DALI_SHARDS):
+        chunk = shards[lo:lo + DALI_SHARDS]
+        count = sum(s["num_samples"] for s in chunk)
+        _check_dali_chunk(out, split, chunk, labels[first:first + count])
+        first += count
+    if first != len(labels):
+        raise _fail(out, f"{split} shards", f"the shards hold {first} samples, manifest says {len(labels)}")
+
+
+def _check_dali_chunk(out: Path, split: str, shards: list[dict], labels: np.ndarray) -> None:
     from nvidia.dali import fn, pipeline_def
 
     batch = min(DECODE_SAMPLES, len(labels))
@@ -139,10 +153,11 @@ def _check_dali(out: Path, split: str, shards: list[dict], labels: list[int]) ->
     p.build()
     size = p.epoch_size("reader")
     if size != len(labels):
-        raise _fail(out, f"{split} shards", f"DALI's reader sees {size} samples, manifest says {len(labels)}")
+        raise _fail(out, f"{split} shards", f"DALI's reader sees {size} samples in {shards[0]['tar']} to "
+                    f"{shards[-1]['tar']}, the manifest says {len(labels)}")
     images, cls = p.run()
     got = [int(bytes(np.array(cls.at(i)))) for i in range(batch)]
-    if got != labels[:batch] or any(np.array(images.at(i)).shape[2] != 3 for i in range(batch)):
+    if got != labels[:batch].tolist() or any(np.array(images.at(i)).shape[2] != 3 for i in range(batch)):
         raise _fail(out, f"{split} shards", "DALI's webdataset reader did not return the expected images and labels")
 
 
@@ -151,12 +166,18 @@ def _check_table(out: Path, table: dict, shards: list[dict]) -> None:
     if sha256_file(out / table["file"]) != table["sha256"]:
         raise _fail(out, table["file"], "sha256 differs from the manifest")
     rows = read_table(out / table["file"])
-    expected = np.concatenate([shard_rows(s, out / shard["tar"], out / shard["index"])
-                               for s, shard in enumerate(shards)])
-    if rows.shape != expected.shape or not np.array_equal(rows, expected):
-        bad = next((i for i in range(min(len(rows), len(expected))) if not np.array_equal(rows[i], expected[i])),
-                   min(len(rows), len(expected)))
-        raise _fail(out, table["file"], f"row {bad} does not match the shards")
+    first = 0
+    for s, shard in enumerate(shards):  # a shard at a time: the table's own copy is the only one held whole
+        expected = shard_rows(s, out / shard["tar"], out / shard["index"])
+        got = rows[first:first + len(expected)]
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            bad = next((i for i in range(min(len(got), len(expected))) if not np.array_equal(got[i], expected[i])),
+                       min(len(got), len(expected)))
+            raise _fail(out, table["file"], f"row {first + bad} does not match the shards")
+        first += len(expected)
+    if first != len(rows):
+        raise _fail(out, table["file"], f"row {first} does not match the shards (the table has {len(rows)} rows, "
+                    f"the shards {first})")
 
 
 def verify(out: str | Path) -> dict:
@@ -168,10 +189,11 @@ def verify(out: str | Path) -> dict:
     for split, entry in manifest["splits"].items():
         labels = None
         if entry["shards"]:
-            labels = []
+            parts = []
             for shard in entry["shards"]:
                 with _reading(out, shard["tar"]):
-                    labels += _check_shard(out, shard, num_classes)
+                    parts.append(_check_shard(out, shard, num_classes))
+            labels = np.concatenate(parts)
             if len(labels) != entry["num_samples"]:
                 raise _fail(out, split, f"shards hold {len(labels)} samples, manifest says {entry['num_samples']}")
             with _reading(out, f"{split} shards"):
