@@ -173,6 +173,9 @@ class Rehearsal:
         self.src, self.out, self.work = root / "src", root / "prepared", root / "work"
         self.labels = self.src / "LOC_val_solution.csv"
         self.rows: dict[str, dict] = {}
+        # what an earlier invocation measured at this size (ROOT/<size>/rows.json), for a stage run on its own
+        self.earlier: dict[str, dict] = json.loads((root / "rows.json").read_text()) if (root / "rows.json").is_file() \
+            else {}
 
     def measured(self, stage: str, argv: list[str], *, disk: Path | None = None,
                  stop_when: Callable[[], bool] | None = None, killed: bool = False) -> tuple[dict, str]:
@@ -214,12 +217,16 @@ class Rehearsal:
         run again to the end."""
         other = self.root / "prepared-resumed"
         shutil.rmtree(other, ignore_errors=True)
-        deadline = time.perf_counter() + self.rows["prepare"]["seconds"] * KILL_AT
+        prepared = self.rows.get("prepare") or self.earlier.get("prepare")
+        if prepared is None:
+            raise FastcdError("the resume stage needs the prepare stage's time: run them together")
+        deadline = time.perf_counter() + prepared["seconds"] * KILL_AT
         killed, _ = self.measured("resume-killed", self.prepare_argv(other), disk=other,
                                   stop_when=lambda: time.perf_counter() > deadline, killed=True)
         row, _ = self.measured("resume", self.prepare_argv(other), disk=other)
         row["killed_after_s"] = killed["seconds"]
-        row["same_output"] = _same_manifest(self.out, other)
+        betons = self.measured("betons", self.child_argv("betons", a=str(self.out), b=str(other)))[0]
+        row["same_output"] = _shards_and_tables(self.out) == _shards_and_tables(other) and betons["same"]
         self.rows["resume"] = row
         shutil.rmtree(other, ignore_errors=True)
 
@@ -339,6 +346,37 @@ def _steps(run: Path) -> Iterator[int]:
                 yield int(r["step"])
 
 
+def _betons_child(spec: dict) -> dict:
+    """Whether the `.beton`s of two prepared folders (`a`, `b`) hold the same samples, split by split."""
+    a, b = Path(spec["a"]), Path(spec["b"])
+    splits = json.loads((a / "manifest.json").read_text())["splits"]
+    same = {split: _beton_digest(a / f"{split}.beton") == _beton_digest(b / f"{split}.beton") for split in splits}
+    return {"same": all(same.values()), "splits": same}
+
+
+def _beton_digest(path: Path) -> str:
+    """A digest of a `.beton`'s samples, not of its layout: each sample's stored fields (the image's data
+    pointer aside) and its bytes, in sample order. ffcv's writer places pages in the order its workers fill
+    them, so two runs over the same shards differ in layout and even size (a worker's last page)."""
+    import hashlib
+
+    import numpy as np
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    meta = reader.metadata
+    fields = [n for n in meta.dtype.names if n != "f0"]
+    image = meta["f0"]
+    sha = hashlib.sha256(np.ascontiguousarray(image[["mode", "width", "height"]]).tobytes())
+    for name in fields:
+        sha.update(np.ascontiguousarray(meta[name]).tobytes())
+    table = np.sort(reader.alloc_table, order="sample_id")
+    for ptr, size in zip(table["ptr"].tolist(), table["size"].tolist()):
+        sha.update(data[ptr:ptr + size])
+    return f"{reader.num_samples} {sha.hexdigest()}"
+
+
 def _checkpoint_step(path: Path) -> int:
     """The step (of its epoch) a mid-epoch checkpoint was written at."""
     from fastcd.utils.checkpoint import load_checkpoint
@@ -367,15 +405,11 @@ class _Seen:
         return self.after is not None
 
 
-def _same_manifest(a: Path, b: Path) -> bool:
-    """Two prepared folders hold the same data: every shard's, index's and sample table's sha256 agree, and the
-    .beton's size and sample count (not its sha256: ffcv's writer lays pages out in the order its workers finish,
-    so two uninterrupted runs differ there too)."""
-    def digests(root: Path) -> list:
-        m = json.loads((root / "manifest.json").read_text())
-        return [[s["num_samples"], s.get("beton_bytes"), s.get("samples", {}).get("sha256"),
-                 [(x["sha256"], x["bytes"]) for x in s["shards"]]] for _, s in sorted(m["splits"].items())]
-    return digests(a) == digests(b)
+def _shards_and_tables(root: Path) -> list:
+    """Every split's sample count, shards' and indexes' sha256 and sizes, and its sample table's sha256."""
+    m = json.loads((root / "manifest.json").read_text())
+    return [[s["num_samples"], s.get("samples", {}).get("sha256"), [(x["sha256"], x["bytes"]) for x in s["shards"]]]
+            for _, s in sorted(m["splits"].items())]
 
 
 def bytes_per_sample(sizes: list[dict]) -> list[dict]:
@@ -509,7 +543,8 @@ def _checkpoint_child(spec: dict) -> dict:
 
 
 CHILDREN: dict[str, Callable[[dict], dict]] = {"scan": _scan_child, "loader": _loader_child,
-                                               "cache-read": _cache_read_child, "checkpoint": _checkpoint_child}
+                                               "cache-read": _cache_read_child, "checkpoint": _checkpoint_child,
+                                               "betons": _betons_child}
 
 
 def _sizes(text: str) -> list[float]:
