@@ -31,6 +31,7 @@ from fastcd.utils.atomic import atomic_path
 COLUMNS = ("shard", "offset", "length", "label", "height", "width")
 SHARD, OFFSET, LENGTH, LABEL, HEIGHT, WIDTH = range(len(COLUMNS))
 TABLE_NAME = "samples.npy"
+MAX_HEADER = 65536  # bytes of a .npy file that hold its header (numpy's own limit for version 2)
 
 
 def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
@@ -87,7 +88,26 @@ def write_table(out: Path, split: str, table: np.ndarray) -> dict:
 
 def read_table(path: Path | BinaryIO) -> np.ndarray:
     """The (N, len(COLUMNS)) int64 table at `path` (or in a file object); ValueError when it is not one."""
-    table = np.load(path, allow_pickle=False)
+    return _checked(np.load(path, allow_pickle=False))
+
+
+def table_view(data: bytes | memoryview | mmap.mmap) -> np.ndarray:
+    """The table in `data` (a `.npy` file's bytes) as a read-only view of them, not a copy; ValueError when it
+    is not one."""
+    header = io.BytesIO(data[:MAX_HEADER])
+    try:
+        version = np.lib.format.read_magic(header)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0(header) if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0(header))
+    except ValueError as e:
+        raise ValueError(f"not a .npy array ({e})") from None
+    count = int(np.prod(shape))
+    if fortran or len(data) < header.tell() + count * dtype.itemsize:
+        raise ValueError("a .npy array shorter than its header says, or in Fortran order")
+    return _checked(np.frombuffer(data, dtype=dtype, count=count, offset=header.tell()).reshape(shape))
+
+
+def _checked(table: np.ndarray) -> np.ndarray:
     if table.dtype != np.int64 or table.ndim != 2 or table.shape[1] != len(COLUMNS):
         raise ValueError(f"a {table.dtype} array of shape {table.shape}, not (N, {len(COLUMNS)}) int64")
     return table

@@ -10,7 +10,6 @@ tars (sample count, shards and labels in range, each tar long enough, its first 
 from __future__ import annotations
 
 import hashlib
-import io
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from fastcd.config import DataConfig
 from fastcd.data.base import IndexedLoader, LoaderContext, Split
 from fastcd.data_prep.manifest import load_manifest
-from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH, read_table
+from fastcd.data_prep.sample_table import HEIGHT, LABEL, LENGTH, OFFSET, SHARD, WIDTH, table_view
 from fastcd.data_prep.shards import sample_key
 from fastcd.errors import FastcdError
 
@@ -89,21 +88,19 @@ class ShardSamples:
             raise FastcdError(f"{root} was prepared by an earlier fastcd: its {prepared.split} split has no sample "
                               f"table (image sizes and labels); run `fastcd prepare --upgrade {root}` once")
         path = root / entry["samples"]["file"]
-        try:
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != entry["samples"]["sha256"]:
-                raise ValueError("its sha256 differs from the manifest's: it changed since `fastcd prepare` wrote it")
-            table = read_table(io.BytesIO(data))
+        try:  # hashed and read from one mapping of the file: the columns are the only copy made (48 B a sample)
+            with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if hashlib.sha256(data).hexdigest() != entry["samples"]["sha256"]:
+                    raise ValueError("its sha256 differs from the manifest's: it changed since `fastcd prepare` "
+                                     "wrote it")
+                table = table_view(data)
+                (self.shard, self.offset, self.length, self.labels, self.heights, self.widths) = (
+                    np.ascontiguousarray(table[:, c]) for c in (SHARD, OFFSET, LENGTH, LABEL, HEIGHT, WIDTH))
+                del table  # the view must go before the mapping closes
         except (OSError, ValueError) as e:
             raise FastcdError(f"sample table {path} is damaged ({e}); run `fastcd prepare --verify {root}`") from e
         self.root = root
         self.tars = [tar for tar, _ in prepared.shards]
-        self.shard = np.ascontiguousarray(table[:, SHARD])
-        self.offset = np.ascontiguousarray(table[:, OFFSET])
-        self.length = np.ascontiguousarray(table[:, LENGTH])
-        self.labels = np.ascontiguousarray(table[:, LABEL])
-        self.heights = np.ascontiguousarray(table[:, HEIGHT])
-        self.widths = np.ascontiguousarray(table[:, WIDTH])
         self._maps: list[np.ndarray | None] = [None] * len(self.tars)
         self._check(prepared, path)
 
