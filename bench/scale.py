@@ -368,9 +368,10 @@ def _beton_digest(path: Path) -> str:
     meta = reader.metadata
     fields = [n for n in meta.dtype.names if n != "f0"]
     image = meta["f0"]
-    sha = hashlib.sha256(np.ascontiguousarray(image[["mode", "width", "height"]]).tobytes())
-    for name in fields:
-        sha.update(np.ascontiguousarray(meta[name]).tobytes())
+    sha = hashlib.sha256()
+    for column in [image[f] for f in ("mode", "width", "height")] + [meta[name] for name in fields]:
+        sha.update(np.ascontiguousarray(column).tobytes())  # a field at a time: a multi-field view keeps the
+        # record's layout, data pointers included
     table = np.sort(reader.alloc_table, order="sample_id")
     for ptr, size in zip(table["ptr"].tolist(), table["size"].tolist()):
         sha.update(data[ptr:ptr + size])
