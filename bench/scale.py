@@ -424,7 +424,7 @@ def bytes_per_sample(sizes: list[dict]) -> list[dict]:
     return out
 
 
-def exponents(sizes: list[dict], key: str) -> list[float | None]:
+def exponents(sizes: list[dict], key: str) -> list[dict[str, float]]:
     """The growth exponent of `key` of every stage between consecutive sizes, per stage."""
     out = []
     for small, big in zip(sizes, sizes[1:]):
