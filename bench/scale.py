@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastcd.data_prep.outdir import locked
 from fastcd.errors import FastcdError
 from fastcd.utils.atomic import atomic_write_json
 from fastcd.utils.results import add_out_argument, record
@@ -54,6 +55,7 @@ STAGES = ("scan", "prepare", "rerun", "verify", "rehash", "resume", "loaders", "
 LOADERS = ("torch", "feed", "dali", "ffcv")
 RANKS = (1, 8, 64)
 DEFAULT_ROOT = Path(tempfile.gettempdir()) / "fastcd-scale"
+LOCK_NAME = ".bench-scale.lock"
 RESULT = "SCALE-RESULT "  # the line a child stage prints its measurements on
 POLL_S = 0.25
 KILL_AT = 0.3  # the resume stage kills a fresh prepare at this share of the uninterrupted one's time
@@ -386,10 +388,15 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _drop_steps_after(path: Path, step: int) -> None:
-    """Keep the step records of `path` up to `step` (the others are logged again by a run resumed there)."""
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if json.loads(line).get("kind") != "step" or json.loads(line)["step"] <= step]
-    path.write_text("".join(kept))
+    """Keep the step records of `path` up to `step` (the others are logged again by a run resumed there), and
+    drop a line the kill tore, as the resumed run does."""
+    def kept(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        return record.get("kind") != "step" or record["step"] <= step
+    path.write_text("".join(line for line in path.read_text().splitlines(keepends=True) if kept(line)))
 
 
 class _Seen:
@@ -619,6 +626,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if min(args.workers, args.loader_images, args.batch) < 1 or args.photo_images < 0:
         raise FastcdError("--workers, --loader-images and --batch must be at least 1, --photo-images at least 0")
+    with locked(args.root, LOCK_NAME, "fastcd bench scale", "--root"):  # its stages delete and rewrite folders
+        return _rehearse(args)
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    """Every size of `args.sizes` through `args.stages`, then the photo-like costs; the record."""
     from fastcd.bench.scale_source import generate, layout
 
     sizes = []

@@ -112,3 +112,16 @@ def test_the_full_size_rehearsal(tmp_path: Path) -> None:
         assert_rows(size["stages"])
         assert size["stages"]["resume"]["same_output"] is True
     assert {row["max_side"] for row in result["photo_like"]} == {256, 400, 512}
+
+
+def test_two_rehearsals_on_one_root_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Its stages delete and rewrite the folders under --root: a second one there is one line, and touches
+    nothing."""
+    from fastcd.bench.scale import LOCK_NAME
+    from fastcd.data_prep.outdir import locked
+
+    with locked(tmp_path, LOCK_NAME, "fastcd bench scale", "--root"):
+        assert main(["bench", "scale", "--sizes", "0.001", "--root", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "being written by another `fastcd bench scale`" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
