@@ -177,6 +177,11 @@ class TrainConfig:
     dist_timeout_s: float = _positive(600.0)  # DDP: a collective waits this long for a silent rank, then fails
     resume: Literal["never", "auto"] = "never"  # auto: continue <out>/latest.pt of the same run (engine.elastic)
     checkpoint_every_steps: int = _at_least(0, 0)  # also write latest.pt every N optimizer steps (0: at epoch ends)
+    eval_every: int = _at_least(0, 1)  # evaluate after every N-th epoch (0: none) and always after the last
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether 1-based `epoch` is evaluated: every `eval_every`-th, and the last."""
+        return epoch == self.epochs or (self.eval_every > 0 and epoch % self.eval_every == 0)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from fastcd.utils.checkpoint import load_checkpoint
 TEACHER = "t_resnet34"  # the config (file stem) whose final checkpoint the other rows distil from
 CACHE = "teacher-cache"  # the folder, beside the seed's runs, of the teacher's stored targets
 # Fields that do not change what a run computes: ignored when deciding whether a finished run can be reused.
-COSMETIC = {"train": ("progress", "log_every", "tensorboard", "out_dir", "dist_timeout_s")}
+COSMETIC = {"train": ("progress", "log_every", "tensorboard", "out_dir", "dist_timeout_s", "eval_every")}
 
 
 @dataclass(frozen=True)

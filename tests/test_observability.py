@@ -42,6 +42,26 @@ def test_a_resume_drops_the_records_after_its_checkpoint(tiny_config):
         ("step", 2), ("step", 4), ("epoch", 1), ("step", 6), ("step", 8), ("epoch", 2)]
 
 
+def test_eval_every_skips_the_evaluations_between_and_a_resume_keeps_the_skipped_epochs(tiny_config, monkeypatch):
+    """train.eval_every=2 of 3 epochs: epochs 2 and 3 are evaluated, epoch 1 is logged without one; a resume
+    after epoch 1 does not evaluate it (it was never due) and keeps its record."""
+    import fastcd.engine.trainer as trainer
+
+    evaluated = []
+    real = trainer.evaluate
+    monkeypatch.setattr(trainer, "evaluate", lambda model, *a, **k: evaluated.append(1) or real(model, *a, **k))
+    cfg = tiny_config("train.epochs=3", "train.max_steps_per_epoch=2", "train.log_every=2", "train.eval_every=2")
+    train(cfg, stop_after_epoch=1)
+    history = train(cfg, resume=True)
+    assert len(evaluated) == 2
+    assert [r["val_top1_err"] is not None for r in history] == [False, True, True]
+    assert [r for r in records(cfg) if r["kind"] == "epoch"] == history
+    assert (cfg.out_path / "best.pt").is_file()
+    only_last = tiny_config("train.epochs=2", "train.max_steps_per_epoch=2", "train.eval_every=0",
+                            f"train.out_dir={cfg.out_path}-last")
+    assert [r["val_top1_err"] is not None for r in train(only_last)] == [False, True]
+
+
 def test_tensorboard_gets_the_same_scalars_and_the_validation_error(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         raise type(e)(f"the last checkpoint is {str(latest)!r} (continue with --resume)" if latest.is_file()
                       else "no checkpoint was written") from None
     if history and is_main_process():
-        best = min(history, key=lambda r: r["val_top1_err"])
+        best = min((r for r in history if r["val_top1_err"] is not None), key=lambda r: r["val_top1_err"])
         print(f"{cfg.name}: best val top-1/top-5 error {best['val_top1_err']:.2f}/{best['val_top5_err']:.2f} "
               f"(epoch {best['epoch']}); checkpoints in {cfg.out_path}")
     return 0

@@ -83,10 +83,17 @@ def train_epoch(step: DistillStep, loader: BatchLoader, steps: int, cfg: Config,
             "time_s": elapsed}
 
 
+def val_errors(record: dict[str, Any]) -> str:
+    """`val err top1/top5` of an epoch's record, or `not evaluated` (`train.eval_every`)."""
+    if record["val_top1_err"] is None:
+        return "not evaluated"
+    return f"val err {record['val_top1_err']:.2f}/{record['val_top5_err']:.2f}"
+
+
 def format_record(record: dict[str, Any], cfg: Config) -> str:
     losses = ", ".join(f"{s.loss_name} {v:.4f}x{w:g}" for s, v, w in
                        zip(cfg.loss_list, record["losses"], record["weights"]))
     return (f"epoch {record['epoch']}/{cfg.train.epochs}  loss {record['loss']:.4f} ({losses})  "
             f"train err {record['train_top1_err']:.2f}/{record['train_top5_err']:.2f}  "
-            f"val err {record['val_top1_err']:.2f}/{record['val_top5_err']:.2f}  "
+            f"{val_errors(record)}  "
             f"{record['images_per_s']:.0f} img/s")

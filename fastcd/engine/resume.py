@@ -40,7 +40,7 @@ CHANGEABLE = ("name", "teacher.weights", "teacher.bn_mode", "teacher.fold_bn", "
               "optim.warmup_epochs", "optim.peak_epoch", "optim.end_lr_ratio", "train.epochs",
               "train.dataset_type", "train.amp", "train.channels_last", "train.compile", "train.device",
               "train.out_dir", "train.log_every", "train.progress", "train.tensorboard", "train.dist_timeout_s",
-              "train.resume", "train.checkpoint_every_steps")
+              "train.resume", "train.checkpoint_every_steps", "train.eval_every")
 
 
 def _value(config: dict[str, Any], dotted: str) -> Any:

@@ -2,8 +2,9 @@
 runtime -> data -> models -> losses -> optimizer -> schedules -> resume -> DDP -> epochs.
 
 Every `train.log_every` steps it records the interval's losses, loss weights, lr, images/s and data wait,
-and after each epoch's evaluation the epoch's record (`<out>/metrics.jsonl`, the console and, with
-`train.tensorboard`, TensorBoard: `fastcd.engine.sinks`). Each epoch's `latest.pt` is written (atomically)
+and after each epoch (and its evaluation: every `train.eval_every` epochs and after the last) the
+epoch's record (`<out>/metrics.jsonl`, the console and, with `train.tensorboard`, TensorBoard:
+`fastcd.engine.sinks`). Each epoch's `latest.pt` is written (atomically)
 before the evaluation, then again with its result, and `best.pt` when the epoch is the best so far. Nothing
 in the run folder changes (not even under `--force`) before every input the session reads has been checked,
 and `--force` only moves the previous run aside until the new run's first checkpoint: a session that fails
@@ -104,6 +105,11 @@ def loss_weights(cfg: Config, epoch: int) -> list[float]:
                               cfg.train.dataset_type, cfg.train.epochs) for s in cfg.loss_list]
 
 
+def pending_evaluation(cfg: Config, history: list[dict[str, Any]]) -> bool:
+    """Whether the checkpoint's last epoch is due an evaluation (`train.eval_every`) it never got."""
+    return bool(history) and history[-1]["val_top1_err"] is None and cfg.train.evaluates(history[-1]["epoch"])
+
+
 def last_epoch(cfg: Config, start_epoch: int, history: list[dict[str, Any]], stop_after_epoch: int | None) -> int:
     """The last epoch this session trains (`train.epochs`, or `stop_after_epoch` if earlier). A session with
     nothing to do (no epoch to train and no evaluation pending) is an error naming why, raised before the run
@@ -112,8 +118,7 @@ def last_epoch(cfg: Config, start_epoch: int, history: list[dict[str, Any]], sto
     if stop_after_epoch is not None and stop_after_epoch < 1:
         raise FastcdError(f"--stop-after must be at least 1, got {stop_after_epoch}")
     last = min(epochs, stop_after_epoch) if stop_after_epoch is not None else epochs
-    pending = bool(history) and history[-1]["val_top1_err"] is None  # the checkpoint's epoch was never evaluated
-    if last > start_epoch or (pending and last == start_epoch):
+    if last > start_epoch or (pending_evaluation(cfg, history) and last == start_epoch):
         return last
     if epochs < start_epoch:
         raise FastcdError(f"train.epochs={epochs} but the run in {out!r} is already at epoch {start_epoch}: nothing "
@@ -206,6 +211,10 @@ class Run:
         is_best = val["top1_err"] < self.best
         self.best = min(self.best, val["top1_err"])
         self.save(record["epoch"], is_best)
+        self.report(record)
+
+    def report(self, record: dict[str, Any]) -> None:
+        """The epoch's record to the sinks and the console."""
         self.log.epoch(record)
         if self.rt.is_main:
             tqdm.write(format_record(record, self.cfg))
@@ -241,7 +250,10 @@ class Run:
                   "epoch_time_s": stats["time_s"]}
         self.history.append(record)
         self.save(epoch, is_best=False)  # before evaluating: an evaluation that fails costs no training
-        self.evaluate(record)
+        if self.cfg.train.evaluates(epoch):
+            self.evaluate(record)
+        else:
+            self.report(record)
 
 
 def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None,
@@ -279,7 +291,7 @@ def train(cfg: Config, resume: bool = False, stop_after_epoch: int | None = None
 
 def _train(run: Run) -> list[dict[str, Any]]:
     try:
-        if run.history and run.history[-1]["val_top1_err"] is None:  # the checkpoint's epoch was never evaluated
+        if pending_evaluation(run.cfg, run.history):
             run.evaluate(run.history[-1])
         for epoch in range(run.start_epoch + 1, run.last_epoch + 1):
             run.epoch(epoch)
